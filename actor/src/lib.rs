@@ -1,0 +1,7 @@
+//! Rollout service: generation with continuous batching and live weight updates.
+//!
+//! This crate is filled in by its own issue; for now it only links the shared crates so the
+//! workspace builds end to end.
+
+pub use rlhf_model;
+pub use rlhf_proto;

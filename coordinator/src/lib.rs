@@ -1,0 +1,4 @@
+//! The control plane and the `rlhf` command line.
+
+pub mod cli;
+pub mod logging;

@@ -1,0 +1,178 @@
+//! Generation behaviour on the fixture model: seeds, batching, stop conditions, log-probs.
+
+use rlhf_model::logprobs::rows_to_host;
+use rlhf_model::testing::fixtures_dir;
+use rlhf_model::{
+    FinishReason, GenerationParams, GenerationRequest, Model, SamplingParams, Tokenizer, device,
+};
+
+fn fixture() -> (Model, Tokenizer) {
+    let dir = fixtures_dir().join("tiny-llama");
+    let model = Model::load(&dir, &device::inference_device().unwrap()).unwrap();
+    (model, Tokenizer::from_dir(&dir).unwrap())
+}
+
+fn request(tok: &Tokenizer, text: &str, params: GenerationParams) -> GenerationRequest {
+    GenerationRequest {
+        prompt: tok.encode(text, true).unwrap(),
+        params,
+    }
+}
+
+fn sampled(seed: u64, max_new_tokens: usize) -> GenerationParams {
+    GenerationParams {
+        sampling: SamplingParams {
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.95,
+        },
+        max_new_tokens,
+        seed,
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn same_seed_same_tokens_alone_or_in_a_batch() {
+    let (model, tok) = fixture();
+    let target = request(&tok, "Once upon a time", sampled(42, 24));
+    let alone = model.generate(std::slice::from_ref(&target), None).unwrap();
+    let again = model.generate(std::slice::from_ref(&target), None).unwrap();
+    assert_eq!(alone, again, "same seed, same tokens");
+
+    let others = [
+        request(&tok, "A", sampled(1, 5)),
+        request(
+            &tok,
+            "A much longer prompt that pads the target on the left",
+            sampled(2, 30),
+        ),
+    ];
+    let batch = vec![others[0].clone(), target.clone(), others[1].clone()];
+    let together = model.generate(&batch, None).unwrap();
+    assert_eq!(
+        together[1].tokens, alone[0].tokens,
+        "batch neighbours change nothing"
+    );
+
+    let other_seed = request(&tok, "Once upon a time", sampled(43, 24));
+    let different = model.generate(&[other_seed], None).unwrap();
+    assert_ne!(
+        different[0].tokens, alone[0].tokens,
+        "another seed samples differently"
+    );
+}
+
+#[test]
+fn sampled_logprobs_agree_with_a_forward_pass() {
+    let (model, tok) = fixture();
+    let params = GenerationParams {
+        sampling: SamplingParams {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        ..sampled(5, 16)
+    };
+    let req = request(&tok, "The quick brown fox", params);
+    let out = model.generate(std::slice::from_ref(&req), None).unwrap();
+    let scored = model
+        .completion_logprobs(&[(&req.prompt, &out[0].tokens)], 0.7)
+        .unwrap();
+    let recomputed = rows_to_host(scored.logprobs, &[out[0].tokens.len()]);
+    for (a, b) in out[0].logprobs.iter().zip(&recomputed[0]) {
+        assert!(
+            (a - b).abs() < 1e-4,
+            "behaviour log-prob {a} vs forward pass {b}"
+        );
+    }
+}
+
+#[test]
+fn finish_reasons_and_stop_conditions() {
+    let (model, tok) = fixture();
+    let greedy = |max_new_tokens| GenerationParams {
+        sampling: SamplingParams::greedy(),
+        max_new_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let base = model
+        .generate(&[request(&tok, "Hello world", greedy(12))], None)
+        .unwrap()
+        .remove(0);
+    assert_eq!(base.tokens.len(), 12);
+    assert_eq!(base.finish_reason, FinishReason::Length);
+
+    // Stop on a token id: the fourth greedy token.
+    let stop_id = base.tokens[3];
+    let first = base.tokens.iter().position(|&t| t == stop_id).unwrap();
+    let params = GenerationParams {
+        stop_token_ids: vec![stop_id],
+        ..greedy(12)
+    };
+    let out = model
+        .generate(&[request(&tok, "Hello world", params)], None)
+        .unwrap()
+        .remove(0);
+    assert_eq!(out.tokens, base.tokens[..=first]);
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+
+    // Stop on a string: the decoded text of the first few tokens.
+    let text = tok.decode(&base.tokens[..5], true).unwrap();
+    let needle: String = text
+        .chars()
+        .rev()
+        .take(2)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    let params = GenerationParams {
+        stop_strings: vec![needle.clone()],
+        ..greedy(12)
+    };
+    let out = model
+        .generate(&[request(&tok, "Hello world", params.clone())], Some(&tok))
+        .unwrap()
+        .remove(0);
+    assert_eq!(out.finish_reason, FinishReason::Stop);
+    assert!(out.tokens.len() <= 5);
+    assert!(tok.decode(&out.tokens, true).unwrap().contains(&needle));
+    // Without a tokenizer, stop strings are an error, not silently ignored.
+    let err = model
+        .generate(&[request(&tok, "Hello world", params)], None)
+        .unwrap_err();
+    assert!(err.to_string().contains("tokenizer"), "{err}");
+}
+
+#[test]
+fn invalid_requests_name_the_request() {
+    let (model, tok) = fixture();
+    let ok = request(&tok, "hi", GenerationParams::default());
+    let empty = GenerationRequest {
+        prompt: vec![],
+        params: GenerationParams::default(),
+    };
+    let err = model
+        .generate(&[ok.clone(), empty], None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("request 1") && err.contains("empty"), "{err}");
+    let bad_id = GenerationRequest {
+        prompt: vec![0, 100_000],
+        params: GenerationParams::default(),
+    };
+    let err = model.generate(&[bad_id], None).unwrap_err().to_string();
+    assert!(
+        err.contains("100000") && err.contains("vocabulary"),
+        "{err}"
+    );
+    let too_long = GenerationRequest {
+        prompt: vec![5; 600],
+        params: GenerationParams::default(),
+    };
+    let err = model.generate(&[too_long], None).unwrap_err().to_string();
+    assert!(err.contains("context length"), "{err}");
+}
