@@ -1,4 +1,3 @@
 //! The control plane and the `rlhf` command line.
 
 pub mod cli;
-pub mod logging;

@@ -6,7 +6,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = rlhf_coordinator::cli::Cli::parse();
-    rlhf_coordinator::logging::init_logging(cli.log_format);
+    rlhf_proto::logging::init_logging(cli.log_format);
     match rlhf_coordinator::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -24,6 +24,8 @@ pub mod host;
 pub mod kv_cache;
 pub mod llama;
 pub mod logprobs;
+pub mod losses;
+pub mod optim;
 pub mod rope;
 pub mod sampling;
 pub mod testing;

@@ -282,6 +282,29 @@ pub fn render_chat_template(
         .map_err(|e| ModelError::ChatTemplate(format!("cannot render: {e}")))
 }
 
+/// Files that make up a model folder's tokenizer, copied next to saved weights so the folder is
+/// complete for `transformers` and for us.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+];
+
+/// Copies the tokenizer files that exist in `from` into `to`.
+pub fn copy_tokenizer_files(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| ModelError::io(to, e))?;
+    for name in TOKENIZER_FILES {
+        let src = from.join(name);
+        if src.is_file() {
+            let dst = to.join(name);
+            std::fs::copy(&src, &dst).map_err(|e| ModelError::io(&dst, e))?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

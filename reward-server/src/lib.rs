@@ -1,7 +1,19 @@
-//! Reward service: multi-objective scoring and Bradley-Terry reward-model training.
-//!
-//! This crate is filled in by its own issue; for now it only links the shared crates so the
-//! workspace builds end to end.
+//! The reward service: scores (prompt, completion) samples on every configured objective —
+//! Bradley-Terry reward models (alone or as ensembles), built-in verifiers, remote reward
+//! servers — with dynamic batching; and Bradley-Terry reward-model training.
 
-pub use rlhf_model;
-pub use rlhf_proto;
+pub mod batcher;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod remote;
+pub mod rules;
+pub mod sample;
+pub mod scorer;
+pub mod server;
+pub mod train;
+
+pub use config::RewardConfig;
+pub use error::{ConfigError, ScoreError};
+pub use scorer::Scorer;

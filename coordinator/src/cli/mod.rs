@@ -1,17 +1,18 @@
 //! Command-line interface of `rlhf`. Each subcommand group lives in its own module.
 
 mod model;
+mod reward;
 
 use clap::{Parser, Subcommand};
 
-use crate::logging::LogFormat;
+use rlhf_proto::logging::LogFormat;
 
 /// Align Llama-family language models with online RL against several rewards at once.
 #[derive(Debug, Parser)]
 #[command(name = "rlhf", version, about)]
 pub struct Cli {
     /// Log line format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, default_value = "text")]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -24,11 +25,17 @@ pub enum Command {
         #[command(subcommand)]
         command: model::ModelCommand,
     },
+    /// Serve reward objectives, or train a reward model.
+    Reward {
+        #[command(subcommand)]
+        command: reward::RewardCommand,
+    },
 }
 
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model::run(command),
+        Command::Reward { command } => reward::run(command),
     }
 }

@@ -1,0 +1,9 @@
+//! `reward-server --config rewards.toml --listen ADDR`
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = rlhf_reward::cli::BinaryArgs::parse();
+    rlhf_proto::logging::init_logging(args.log_format);
+    rlhf_reward::cli::exit_code(rlhf_reward::cli::serve_blocking(args.serve))
+}
