@@ -1,8 +1,10 @@
 //! One worker per reward-model checkpoint: a bounded queue in front of a thread that owns the
 //! model and scores requests in dynamic batches.
 //!
-//! A batch closes when it holds `max_batch_size` sequences or `max_batch_tokens` tokens, or
-//! `max_wait` after its first request arrived. Its sequences are sorted by length and cut into
+//! A batch takes every request that queued while the previous one ran (so batches form by
+//! themselves under load and an idle server adds no latency), then optionally waits up to
+//! `max_wait` for more; it closes earlier at `max_batch_size` sequences or `max_batch_tokens`
+//! tokens. Its sequences are sorted by length and cut into
 //! forward passes that respect both limits, so short sequences are not padded to long ones.
 //! Each row's score is computed at its own last token with padding masked, so batching changes
 //! only speed (scores equal one-at-a-time scores up to float rounding).
@@ -176,7 +178,21 @@ impl WorkerLoop {
         count(&first, &mut seqs, &mut tokens);
         let mut jobs = vec![first];
         let b = &self.batching;
-        while seqs < b.max_batch_size && tokens < b.max_batch_tokens {
+        let full =
+            |seqs: usize, tokens: usize| seqs >= b.max_batch_size || tokens >= b.max_batch_tokens;
+        // Everything that queued up while the previous batch ran joins at once: under load
+        // batches form by themselves, and an idle server adds no latency.
+        while !full(seqs, tokens) {
+            match rx.try_recv() {
+                Ok(job) => {
+                    count(&job, &mut seqs, &mut tokens);
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        // Then, if configured, wait a little for more.
+        while !full(seqs, tokens) {
             let Some(left) = b
                 .max_wait()
                 .checked_sub(opened.elapsed())

@@ -6,7 +6,7 @@
 //! [batching]                       # every field optional, defaults below
 //! max_batch_size = 32              # sequences per forward pass
 //! max_batch_tokens = 8192          # padded tokens per forward pass
-//! max_wait_ms = 5                  # how long a batch waits for more requests
+//! max_wait_ms = 0                  # extra wait for more requests (queued ones always join)
 //! queue_capacity = 256             # waiting requests per model; beyond: RESOURCE_EXHAUSTED
 //! request_timeout_ms = 30000       # deadline of a request without its own
 //!
@@ -62,7 +62,7 @@ impl Default for BatchingConfig {
         BatchingConfig {
             max_batch_size: 32,
             max_batch_tokens: 8192,
-            max_wait_ms: 5,
+            max_wait_ms: 0,
             queue_capacity: 256,
             request_timeout_ms: 30_000,
         }
