@@ -1,7 +1,4 @@
-//! Training service: PPO/GRPO, transformed multi-objective rewards, KL control, checkpoints.
-//!
-//! This crate is filled in by its own issue; for now it only links the shared crates so the
-//! workspace builds end to end.
+//! The training service: PPO and GRPO with transformed multi-objective rewards, KL control,
+//! SFT, data-parallel gradient sync and exact checkpoints.
 
-pub use rlhf_model;
-pub use rlhf_proto;
+pub mod algo;

@@ -90,14 +90,14 @@ impl Model {
         } else {
             logits / temperature
         };
-        let logp = log_softmax(logits, 2);
         let targets: Vec<i64> = pairs
             .iter()
             .flat_map(|(_, comp)| (0..c).map(|t| comp.get(t).map_or(0, |&id| id as i64)))
             .collect();
-        let targets = Tensor::<3, Int>::from_data(TensorData::new(targets, [b, c, 1]), &device);
-        let logprobs = logp.clone().gather(2, targets).reshape([b, c]) * mask.clone();
-        let entropy = (logp.clone().exp() * logp).sum_dim(2).reshape([b, c]).neg() * mask.clone();
+        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b, c]), &device);
+        let (logprobs, entropy) = logprobs_and_entropy(logits, targets);
+        let logprobs = logprobs * mask.clone();
+        let entropy = entropy * mask.clone();
         Ok(CompletionTensors {
             logprobs,
             entropy,
@@ -132,6 +132,22 @@ impl Model {
         let labels = self.config.num_labels;
         Ok(self.score_head(last).reshape([b, labels]))
     }
+}
+
+/// `log_softmax(logits)[target]` and the entropy of each position's distribution (TRL's
+/// `selective_log_softmax` and `entropy_from_logits`).
+///
+/// # Shapes
+/// - `logits`: `[batch, seq, vocab]`, `targets`: `[batch, seq]` → two `[batch, seq]`
+pub fn logprobs_and_entropy(logits: Tensor<3>, targets: Tensor<2, Int>) -> (Tensor<2>, Tensor<2>) {
+    let [b, t, _] = logits.dims();
+    let logp = log_softmax(logits, 2);
+    let logprobs = logp
+        .clone()
+        .gather(2, targets.reshape([b, t, 1]))
+        .reshape([b, t]);
+    let entropy = (logp.clone().exp() * logp).sum_dim(2).reshape([b, t]).neg();
+    (logprobs, entropy)
 }
 
 /// Copies a `[batch, width]` tensor to the host as one vector per row, cut to `lens[row]`.
