@@ -2,3 +2,14 @@
 //! SFT, data-parallel gradient sync and exact checkpoints.
 
 pub mod algo;
+pub mod checkpoint;
+pub mod cli;
+pub mod collective;
+pub mod config;
+pub mod engine;
+pub mod server;
+pub mod sft;
+pub mod trajectory;
+
+pub use config::LearnerConfig;
+pub use engine::{Engine, StepOutcome};

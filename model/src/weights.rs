@@ -494,6 +494,52 @@ impl Model {
     }
 }
 
+/// Writes named tensors to one safetensors file (optimizer state, value heads, anything keyed by
+/// name), in `dtype`.
+pub fn save_tensors(path: &Path, tensors: &[NamedTensor], dtype: DType) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let encoded: Vec<(String, Encoded)> = tensors
+        .iter()
+        .map(|t| (t.name.clone(), encode_tensor(t, dtype)))
+        .collect();
+    let views = encoded.iter().map(|(name, e)| (name.as_str(), e));
+    safetensors::serialize_to_file(views, None, path).map_err(|e| ModelError::Weights {
+        path: path.to_path_buf(),
+        message: format!("cannot write: {e}"),
+    })
+}
+
+/// Reads every tensor of one safetensors file as f32, in file order.
+pub fn load_tensors(path: &Path) -> Result<Vec<NamedTensor>> {
+    let bytes = std::fs::read(path).map_err(|e| ModelError::io(path, e))?;
+    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Weights {
+        path: path.to_path_buf(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    let mut out = Vec::new();
+    for (name, view) in file.iter() {
+        let dt = dtype::from_safetensors(view.dtype()).ok_or_else(|| ModelError::Weights {
+            path: path.to_path_buf(),
+            message: format!("tensor `{name}` has unsupported dtype {:?}", view.dtype()),
+        })?;
+        out.push(NamedTensor {
+            name: name.to_string(),
+            shape: view.shape().to_vec(),
+            values: dtype::decode(dt, view.data()),
+        });
+    }
+    Ok(out)
+}
+
+fn encode_tensor(t: &NamedTensor, dtype: DType) -> Encoded {
+    Encoded {
+        dtype: dtype::to_safetensors(dtype),
+        shape: t.shape.clone(),
+        bytes: dtype::encode(dtype, &t.values),
+    }
+}
+
 /// An owned tensor for the safetensors writer.
 struct Encoded {
     dtype: safetensors::Dtype,
@@ -519,14 +565,7 @@ impl safetensors::View for &Encoded {
 fn write_safetensors(dir: &Path, tensors: &[NamedTensor], options: &SaveOptions) -> Result<()> {
     let encoded: Vec<(String, Encoded)> = tensors
         .iter()
-        .map(|t| {
-            let e = Encoded {
-                dtype: dtype::to_safetensors(options.dtype),
-                shape: t.shape.clone(),
-                bytes: dtype::encode(options.dtype, &t.values),
-            };
-            (t.name.clone(), e)
-        })
+        .map(|t| (t.name.clone(), encode_tensor(t, options.dtype)))
         .collect();
     // Cut shards in order, each at most `max_shard_bytes` (a single larger tensor gets its own).
     let mut shards: Vec<Vec<&(String, Encoded)>> = vec![Vec::new()];

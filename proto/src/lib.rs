@@ -7,6 +7,7 @@ pub mod client;
 pub mod logging;
 pub mod process;
 pub mod service;
+pub mod weights;
 
 /// Generated messages and services of package `rlhf.v1`.
 pub mod v1 {

@@ -1,0 +1,516 @@
+//! The learner service: gRPC handlers in front of the [`Engine`], which one thread owns.
+//!
+//! Pushed trajectories wait in a [`Buffer`]; `Step` takes its step's trajectories once the
+//! expected number has arrived and hands them to the engine thread; after every update the new
+//! weights are published for `StreamWeights`. Only rank 0 writes checkpoints (every rank's state
+//! is identical after a step); every rank can restore one.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rlhf_model::DType;
+use rlhf_model::weights::NamedTensor;
+use rlhf_proto::service::ServiceHost;
+use rlhf_proto::v1;
+use rlhf_proto::v1::learner_service_server::{LearnerService, LearnerServiceServer};
+use rlhf_proto::weights::{WireTensor, to_chunks};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::server::NamedService;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::checkpoint;
+use crate::config::LearnerConfig;
+use crate::engine::{Engine, StepOutcome};
+use crate::trajectory::{Buffer, Trajectory};
+
+/// Published weights of one version.
+pub struct Snapshot {
+    pub version: u64,
+    pub tensors: Vec<NamedTensor>,
+}
+
+/// Work for the engine thread.
+enum Command {
+    Step {
+        step: u64,
+        trajectories: Vec<Trajectory>,
+        cursor: u64,
+        reply: oneshot::Sender<Result<StepOutcome>>,
+    },
+    SetReference {
+        objectives: Vec<String>,
+        rows: crate::algo::transform::ReferenceTable,
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    Save {
+        reply: oneshot::Sender<Result<(PathBuf, u64, u64)>>,
+    },
+    Restore {
+        path: Option<PathBuf>,
+        reply: oneshot::Sender<Result<(PathBuf, u64, u64, u64)>>,
+    },
+}
+
+/// What handlers read without asking the engine thread.
+#[derive(Debug, Clone, Default)]
+struct Progress {
+    step: u64,
+    version: u64,
+}
+
+/// Prometheus metrics of the learner (prefix `rlhf_learner_`).
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: prometheus::Registry,
+    steps: prometheus::IntCounter,
+    version: prometheus::IntGauge,
+    step_seconds: prometheus::Histogram,
+    pushed: prometheus::IntCounterVec,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let registry = prometheus::Registry::new();
+        let steps = prometheus::IntCounter::new("rlhf_learner_steps_total", "Steps trained")
+            .expect("valid metric");
+        let version =
+            prometheus::IntGauge::new("rlhf_learner_weight_version", "Current weight version")
+                .expect("valid metric");
+        let step_seconds = prometheus::Histogram::with_opts(
+            prometheus::HistogramOpts::new(
+                "rlhf_learner_step_seconds",
+                "Wall time of a training step",
+            )
+            .buckets(prometheus::exponential_buckets(0.05, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        let pushed = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "rlhf_learner_trajectories_total",
+                "Pushed trajectories by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        registry.register(Box::new(steps.clone())).expect("unique");
+        registry
+            .register(Box::new(version.clone()))
+            .expect("unique");
+        registry
+            .register(Box::new(step_seconds.clone()))
+            .expect("unique");
+        registry.register(Box::new(pushed.clone())).expect("unique");
+        Metrics {
+            registry,
+            steps,
+            version,
+            step_seconds,
+            pushed,
+        }
+    }
+}
+
+/// The service implementation.
+pub struct Learner {
+    pub metrics: Metrics,
+    commands: mpsc::Sender<Command>,
+    buffer: Arc<Buffer>,
+    weights: watch::Receiver<Arc<Snapshot>>,
+    status: watch::Receiver<Progress>,
+    objectives: Vec<String>,
+    vocab: usize,
+    rank: u32,
+    world: u32,
+    algorithm: String,
+}
+
+fn checkpoint_root(config: &LearnerConfig) -> PathBuf {
+    config.output_dir.join("checkpoints")
+}
+
+/// Starts the engine thread; returns the service.
+pub fn start(engine: Engine) -> Learner {
+    let (commands, mut rx) = mpsc::channel::<Command>(64);
+    let first = Arc::new(Snapshot {
+        version: engine.version(),
+        tensors: engine.policy_tensors(),
+    });
+    let (weights_tx, weights) = watch::channel(first);
+    let (status_tx, status) = watch::channel(Progress {
+        step: engine.step(),
+        version: engine.version(),
+    });
+    let objectives = engine
+        .config
+        .rewards
+        .objectives
+        .iter()
+        .map(|o| o.name.clone())
+        .collect();
+    let vocab = engine.vocab_size();
+    let (rank, world) = (engine.rank() as u32, engine.world() as u32);
+    let algorithm = format!("{:?}", engine.config.algorithm).to_lowercase();
+    std::thread::Builder::new()
+        .name("learner-engine".into())
+        .spawn(move || {
+            let mut engine = engine;
+            while let Some(cmd) = rx.blocking_recv() {
+                let before = engine.version();
+                match cmd {
+                    Command::Step {
+                        step,
+                        trajectories,
+                        cursor,
+                        reply,
+                    } => {
+                        let result =
+                            engine
+                                .train_step(step, trajectories, cursor)
+                                .and_then(|outcome| {
+                                    auto_checkpoint(&engine, step)?;
+                                    Ok(outcome)
+                                });
+                        let _ = reply.send(result);
+                    }
+                    Command::SetReference {
+                        objectives,
+                        rows,
+                        reply,
+                    } => {
+                        let _ = reply.send(engine.set_reference_table(&objectives, rows));
+                    }
+                    Command::Save { reply } => {
+                        let _ = reply.send(save(&engine));
+                    }
+                    Command::Restore { path, reply } => {
+                        let result = restore(&mut engine, path);
+                        let _ = reply.send(result);
+                    }
+                }
+                if engine.version() != before {
+                    let _ = weights_tx.send(Arc::new(Snapshot {
+                        version: engine.version(),
+                        tensors: engine.policy_tensors(),
+                    }));
+                }
+                let _ = status_tx.send(Progress {
+                    step: engine.step(),
+                    version: engine.version(),
+                });
+            }
+        })
+        .expect("the engine thread starts");
+    Learner {
+        metrics: Metrics::new(),
+        commands,
+        buffer: Arc::new(Buffer::default()),
+        weights,
+        status,
+        objectives,
+        vocab,
+        rank,
+        world,
+        algorithm,
+    }
+}
+
+fn auto_checkpoint(engine: &Engine, step: u64) -> Result<()> {
+    let every = engine.config.checkpoint.every_steps;
+    if every > 0 && step.is_multiple_of(every) && engine.rank() == 0 {
+        save(engine)?;
+    }
+    Ok(())
+}
+
+fn save(engine: &Engine) -> Result<(PathBuf, u64, u64)> {
+    let root = checkpoint_root(&engine.config);
+    let path = checkpoint::write(&root, engine.step(), |dir| engine.save_state(dir))?;
+    checkpoint::prune(&root, engine.config.checkpoint.keep)?;
+    tracing::info!(path = %path.display(), step = engine.step(), "checkpoint written");
+    Ok((path, engine.step(), engine.version()))
+}
+
+fn restore(engine: &mut Engine, path: Option<PathBuf>) -> Result<(PathBuf, u64, u64, u64)> {
+    let root = checkpoint_root(&engine.config);
+    let path = match path {
+        Some(p) => p,
+        None => checkpoint::latest(&root)
+            .with_context(|| format!("no checkpoint in {}", root.display()))?,
+    };
+    checkpoint::verify(&path)?;
+    engine
+        .load_state(&path)
+        .with_context(|| format!("restoring {}", path.display()))?;
+    tracing::info!(path = %path.display(), step = engine.step(), "checkpoint restored");
+    Ok((path, engine.step(), engine.version(), engine.data_cursor()))
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    Status::internal(format!("{e:#}"))
+}
+
+impl Learner {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command,
+    ) -> Result<T, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| Status::unavailable("the learner engine stopped"))?;
+        rx.await
+            .map_err(|_| Status::unavailable("the learner engine stopped"))?
+            .map_err(internal)
+    }
+}
+
+#[tonic::async_trait]
+impl LearnerService for Learner {
+    async fn push_rollouts(
+        &self,
+        request: Request<Streaming<v1::Trajectory>>,
+    ) -> Result<Response<v1::PushReply>, Status> {
+        let mut stream = request.into_inner();
+        let (mut accepted, mut rejected, mut first_error) = (0u64, 0u64, String::new());
+        while let Some(t) = stream.message().await? {
+            match Trajectory::from_proto(t, self.objectives.len(), self.vocab) {
+                Ok(t) => {
+                    self.buffer.push(t);
+                    accepted += 1;
+                }
+                Err(e) => {
+                    rejected += 1;
+                    if first_error.is_empty() {
+                        first_error = e;
+                    }
+                }
+            }
+        }
+        self.metrics
+            .pushed
+            .with_label_values(&["accepted"])
+            .inc_by(accepted);
+        self.metrics
+            .pushed
+            .with_label_values(&["rejected"])
+            .inc_by(rejected);
+        Ok(Response::new(v1::PushReply {
+            accepted,
+            rejected,
+            message: first_error,
+        }))
+    }
+
+    async fn step(
+        &self,
+        request: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::StepReport>, Status> {
+        let r = request.into_inner();
+        let timeout = if r.timeout_seconds > 0.0 {
+            r.timeout_seconds
+        } else {
+            600.0
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
+        let trajectories = self
+            .buffer
+            .take(r.step, r.expected_samples as usize, deadline)
+            .await
+            .map_err(|have| {
+                Status::deadline_exceeded(format!(
+                    "step {}: {have} of {} trajectories arrived within {timeout} s",
+                    r.step, r.expected_samples
+                ))
+            })?;
+        let span = tracing::info_span!("learner_step", step = r.step, samples = trajectories.len());
+        let _guard = span.enter();
+        let outcome = self
+            .call(|reply| Command::Step {
+                step: r.step,
+                trajectories,
+                cursor: r.data_cursor,
+                reply,
+            })
+            .await?;
+        if !outcome.already_applied {
+            self.metrics.steps.inc();
+            self.metrics.step_seconds.observe(outcome.seconds);
+        }
+        self.metrics.version.set(outcome.version as i64);
+        Ok(Response::new(v1::StepReport {
+            step: outcome.step,
+            weight_version: outcome.version,
+            metrics: outcome.metrics.into_iter().collect(),
+            samples: outcome.samples,
+            tokens: outcome.tokens,
+            seconds: outcome.seconds,
+            already_applied: outcome.already_applied,
+        }))
+    }
+
+    type StreamWeightsStream = ReceiverStream<Result<v1::WeightChunk, Status>>;
+
+    async fn stream_weights(
+        &self,
+        request: Request<v1::WeightsRequest>,
+    ) -> Result<Response<Self::StreamWeightsStream>, Status> {
+        let r = request.into_inner();
+        let dtype = if r.dtype.is_empty() {
+            DType::F32
+        } else {
+            DType::parse(&r.dtype).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "dtype `{}`: expected float32, bfloat16 or float16",
+                    r.dtype
+                ))
+            })?
+        };
+        let timeout = if r.timeout_seconds > 0.0 {
+            r.timeout_seconds
+        } else {
+            600.0
+        };
+        let mut weights = self.weights.clone();
+        let snapshot = tokio::time::timeout(
+            Duration::from_secs_f64(timeout),
+            weights.wait_for(|s| s.version >= r.min_version),
+        )
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "weight version {} not reached within {timeout} s",
+                r.min_version
+            ))
+        })?
+        .map_err(|_| Status::unavailable("the learner engine stopped"))?
+        .clone();
+        let chunk_bytes = if r.chunk_bytes == 0 {
+            1 << 20
+        } else {
+            r.chunk_bytes as usize
+        };
+        let chunks = encode_snapshot(&snapshot, dtype, chunk_bytes);
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            for c in chunks {
+                if tx.send(Ok(c)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn set_reference_rewards(
+        &self,
+        request: Request<v1::ReferenceRewards>,
+    ) -> Result<Response<v1::SetReferenceRewardsReply>, Status> {
+        let r = request.into_inner();
+        let rows = r
+            .rows
+            .into_iter()
+            .map(|row| (row.prompt_id, row.values))
+            .collect();
+        let n = self
+            .call(|reply| Command::SetReference {
+                objectives: r.objectives,
+                rows,
+                reply,
+            })
+            .await
+            .map_err(|s| Status::invalid_argument(s.message().to_string()))?;
+        Ok(Response::new(v1::SetReferenceRewardsReply {
+            prompts: n as u64,
+        }))
+    }
+
+    async fn save_checkpoint(
+        &self,
+        _request: Request<v1::SaveCheckpointRequest>,
+    ) -> Result<Response<v1::CheckpointInfo>, Status> {
+        let (path, step, version) = self.call(|reply| Command::Save { reply }).await?;
+        Ok(Response::new(v1::CheckpointInfo {
+            path: path.display().to_string(),
+            step,
+            weight_version: version,
+        }))
+    }
+
+    async fn restore(
+        &self,
+        request: Request<v1::RestoreRequest>,
+    ) -> Result<Response<v1::RestoreReply>, Status> {
+        let path = request.into_inner().path;
+        let path = (!path.is_empty()).then(|| PathBuf::from(path));
+        let (path, step, version, cursor) = self
+            .call(|reply| Command::Restore { path, reply })
+            .await
+            .map_err(|s| Status::failed_precondition(s.message().to_string()))?;
+        Ok(Response::new(v1::RestoreReply {
+            path: path.display().to_string(),
+            step,
+            weight_version: version,
+            data_cursor: cursor,
+        }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<v1::LearnerInfoRequest>,
+    ) -> Result<Response<v1::LearnerInfo>, Status> {
+        let s = self.status.borrow().clone();
+        Ok(Response::new(v1::LearnerInfo {
+            step: s.step,
+            weight_version: s.version,
+            rank: self.rank,
+            world_size: self.world,
+            buffered_trajectories: self.buffer.total() as u64,
+            algorithm: self.algorithm.clone(),
+            objectives: self.objectives.clone(),
+        }))
+    }
+}
+
+/// The snapshot as weight-update chunks in `dtype`.
+pub fn encode_snapshot(
+    snapshot: &Snapshot,
+    dtype: DType,
+    chunk_bytes: usize,
+) -> Vec<v1::WeightChunk> {
+    let wire_dtype = match dtype {
+        DType::F32 => v1::DType::F32,
+        DType::BF16 => v1::DType::Bf16,
+        DType::F16 => v1::DType::F16,
+    };
+    let tensors: Vec<WireTensor> = snapshot
+        .tensors
+        .iter()
+        .map(|t| WireTensor {
+            name: t.name.clone(),
+            dtype: wire_dtype,
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            data: rlhf_model::dtype::encode(dtype, &t.values),
+        })
+        .collect();
+    to_chunks(&tensors, snapshot.version, chunk_bytes)
+}
+
+/// Serves a learner on `listener` until `shutdown`.
+pub async fn serve(
+    learner: Learner,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let registry = learner.metrics.registry.clone();
+    let server = LearnerServiceServer::new(learner)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let name = <LearnerServiceServer<Learner> as NamedService>::NAME;
+    let host = ServiceHost::new(tonic::service::Routes::new(server), vec![name], registry);
+    host.serve(listener, shutdown).await?;
+    Ok(())
+}
