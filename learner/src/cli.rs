@@ -45,6 +45,46 @@ pub struct BinaryArgs {
     pub log_format: LogFormat,
 }
 
+/// The collective this rank's configuration asks for.
+pub fn collective(p: &crate::config::ParallelConfig) -> Result<Box<dyn Collective>> {
+    if p.world_size() == 1 {
+        return Ok(Box::new(Solo));
+    }
+    match p.backend {
+        crate::config::CollectiveBackend::Tcp => Ok(Box::new(
+            TcpRing::connect(
+                p.rank,
+                &p.peers,
+                Duration::from_secs(120),
+                Duration::from_secs(600),
+            )
+            .context("joining the data-parallel ring")?,
+        )),
+        crate::config::CollectiveBackend::Nccl => nccl(p),
+    }
+}
+
+#[cfg(feature = "nccl")]
+fn nccl(p: &crate::config::ParallelConfig) -> Result<Box<dyn Collective>> {
+    let hex_id =
+        std::env::var("RLHF_NCCL_ID").context("parallel.backend = \"nccl\" needs RLHF_NCCL_ID")?;
+    let bytes = hex::decode(hex_id.trim()).context("RLHF_NCCL_ID is not hex")?;
+    let id: [u8; 128] = bytes.try_into().map_err(|b: Vec<u8>| {
+        anyhow::anyhow!("RLHF_NCCL_ID holds {} bytes, NCCL ids have 128", b.len())
+    })?;
+    Ok(Box::new(crate::nccl::NcclRing::new(
+        p.device,
+        p.rank,
+        p.world_size(),
+        id,
+    )?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn nccl(_p: &crate::config::ParallelConfig) -> Result<Box<dyn Collective>> {
+    anyhow::bail!("parallel.backend = \"nccl\": this learner was built without the `nccl` feature")
+}
+
 /// Builds the engine (joining the ring when there are several ranks), prints the ready line and
 /// serves until Ctrl-C / SIGTERM.
 pub fn serve_blocking(args: ServeArgs) -> Result<()> {

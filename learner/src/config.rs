@@ -300,6 +300,21 @@ pub struct ParallelConfig {
     /// Addresses (`host:port`) of every rank's collective endpoint, in rank order; one entry or
     /// none for a single learner.
     pub peers: Vec<String>,
+    /// `tcp` (ring all-reduce over the peers, CPU) or `nccl` (GPU; the build needs the `nccl`
+    /// feature, the communicator id comes from `RLHF_NCCL_ID`, 256 hex characters made by
+    /// rank 0 and published through the state store).
+    pub backend: CollectiveBackend,
+    /// GPU of this rank for NCCL.
+    pub device: usize,
+}
+
+/// How ranks synchronise gradients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectiveBackend {
+    #[default]
+    Tcp,
+    Nccl,
 }
 
 impl ParallelConfig {

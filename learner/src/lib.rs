@@ -7,6 +7,8 @@ pub mod cli;
 pub mod collective;
 pub mod config;
 pub mod engine;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod server;
 pub mod sft;
 pub mod trajectory;

@@ -30,6 +30,8 @@ pub enum Command {
         #[command(subcommand)]
         command: reward::RewardCommand,
     },
+    /// Supervised fine-tuning on prompt/response pairs (loss on response tokens only).
+    Sft(rlhf_learner::sft::SftOptions),
 }
 
 /// Runs a parsed command line.
@@ -37,5 +39,19 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model::run(command),
         Command::Reward { command } => reward::run(command),
+        Command::Sft(opts) => {
+            let report = rlhf_learner::sft::train_sft(&opts)?;
+            if let Some(last) = report.last() {
+                let eval = last
+                    .eval_nll
+                    .map_or("n/a".to_string(), |v| format!("{v:.4}"));
+                eprintln!(
+                    "SFT done: train NLL {:.4}, held-out NLL {eval}; saved to {}",
+                    last.train_nll,
+                    opts.out.display()
+                );
+            }
+            Ok(())
+        }
     }
 }
