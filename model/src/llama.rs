@@ -18,6 +18,30 @@ use crate::config::{HeadKind, ModelConfig};
 use crate::kv_cache::KvCache;
 use crate::rope;
 
+/// Row count below which a batch-invariant model pads its matmuls (see [`matmul_t`]).
+pub const BATCH_INVARIANT_ROWS: usize = 16;
+
+/// `x W^T` for a `[rows, in]` matrix; fewer than `min_rows` rows are zero-padded to `min_rows`.
+///
+/// flex's CPU matmul picks its kernel by the number of rows: below about nine rows each row's
+/// sums are rounded differently than in a larger batch. With `min_rows` =
+/// [`BATCH_INVARIANT_ROWS`] a row's result never depends on how many other rows share the batch
+/// (tested bitwise), which is what makes a seeded sample's tokens the same alone or in any batch.
+/// The price is paid only by batches of fewer than 16 rows (up to 2.4× slower batch-1 decoding on
+/// a 25M model), so it is a per-model switch ([`Model::batch_invariant`]) that the rollout actor
+/// turns on.
+fn matmul_t(x: Tensor<2>, w: Tensor<2>, min_rows: usize) -> Tensor<2> {
+    let [rows, d_in] = x.dims();
+    if rows < min_rows {
+        let d_out = w.dims()[0];
+        let pad = Tensor::zeros([min_rows - rows, d_in], &x.device());
+        return Tensor::cat(vec![x, pad], 0)
+            .matmul(w.transpose())
+            .slice([0..rows, 0..d_out]);
+    }
+    x.matmul(w.transpose())
+}
+
 /// `y = x W^T + b` with `W` in `[out, in]` layout.
 #[derive(Module, Debug)]
 pub struct Linear {
@@ -28,11 +52,11 @@ pub struct Linear {
 impl Linear {
     /// # Shapes
     /// - `x`: `[batch, seq, in]` → `[batch, seq, out]`
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, min_rows: usize) -> Tensor<3> {
         let [b, t, d_in] = x.dims();
         let w = self.weight.val();
         let d_out = w.dims()[0];
-        let y = x.reshape([b * t, d_in]).matmul(w.transpose());
+        let y = matmul_t(x.reshape([b * t, d_in]), w, min_rows);
         let y = match &self.bias {
             Some(bias) => y + bias.val().unsqueeze::<2>(),
             None => y,
@@ -91,9 +115,10 @@ pub struct Mlp {
 impl Mlp {
     /// # Shapes
     /// - `x`: `[batch, seq, hidden]` → same
-    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+    pub fn forward(&self, x: Tensor<3>, min_rows: usize) -> Tensor<3> {
+        let gate = silu(self.gate_proj.forward(x.clone(), min_rows));
+        self.down_proj
+            .forward(gate * self.up_proj.forward(x, min_rows), min_rows)
     }
 }
 
@@ -126,6 +151,10 @@ pub struct Model {
     pub config: ModelConfig,
     #[module(skip)]
     inv_freq: Vec<f32>,
+    /// Make every row's result independent of the batch it is in (see [`matmul_t`]); off by
+    /// default, on in the rollout actor.
+    #[module(skip)]
+    pub batch_invariant: bool,
 }
 
 /// Per-forward inputs derived once from a [`TokenBatch`] and shared by all layers.
@@ -139,6 +168,8 @@ struct ForwardContext {
     mask: Option<Tensor<4, Bool>>,
     /// Use the backend's causal masking (no padding, no cache).
     causal: bool,
+    /// Matmuls with fewer rows are padded (batch invariance).
+    min_rows: usize,
 }
 
 impl Attention {
@@ -154,9 +185,10 @@ impl Attention {
         let [b, t, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let split = |y: Tensor<3>, heads: usize| y.reshape([b, t, heads, d]).swap_dims(1, 2);
-        let q = split(self.q_proj.forward(x.clone()), h);
-        let k = split(self.k_proj.forward(x.clone()), kvh);
-        let v = split(self.v_proj.forward(x), kvh);
+        let r = ctx.min_rows;
+        let q = split(self.q_proj.forward(x.clone(), r), h);
+        let k = split(self.k_proj.forward(x.clone(), r), kvh);
+        let v = split(self.v_proj.forward(x, r), kvh);
         let q = apply_rope(q, &ctx.cos, &ctx.sin);
         let k = apply_rope(k, &ctx.cos, &ctx.sin);
 
@@ -182,7 +214,7 @@ impl Attention {
         };
         let out = attention(q, k, v, ctx.mask.clone(), None, options);
         self.o_proj
-            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]))
+            .forward(out.swap_dims(1, 2).reshape([b, t, h * d]), r)
     }
 }
 
@@ -227,9 +259,10 @@ impl DecoderLayer {
             fresh_cache,
         );
         let x = x + attn;
-        let mlp = self
-            .mlp
-            .forward(self.post_attention_layernorm.forward(x.clone()));
+        let mlp = self.mlp.forward(
+            self.post_attention_layernorm.forward(x.clone()),
+            ctx.min_rows,
+        );
         x + mlp
     }
 }
@@ -249,6 +282,15 @@ impl Model {
             score,
             config,
             inv_freq,
+            batch_invariant: false,
+        }
+    }
+
+    fn min_rows(&self) -> usize {
+        if self.batch_invariant {
+            BATCH_INVARIANT_ROWS
+        } else {
+            1
         }
     }
 
@@ -332,6 +374,7 @@ impl Model {
             sin,
             mask,
             causal,
+            min_rows: self.min_rows(),
         }
     }
 
@@ -341,7 +384,7 @@ impl Model {
     /// - `hidden`: `[batch, seq, hidden]` → `[batch, seq, vocab]`
     pub fn lm_logits(&self, hidden: Tensor<3>) -> Tensor<3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => head.forward(hidden, self.min_rows()),
             None => {
                 let [b, t, h] = hidden.dims();
                 let w = self.model.embed_tokens.weight.val();
@@ -366,7 +409,7 @@ impl Model {
         self.score
             .as_ref()
             .expect("score_head called on a model without a score head")
-            .forward(hidden)
+            .forward(hidden, self.min_rows())
     }
 
     /// The head kind of this model.

@@ -176,3 +176,59 @@ fn invalid_requests_name_the_request() {
     let err = model.generate(&[too_long], None).unwrap_err().to_string();
     assert!(err.contains("context length"), "{err}");
 }
+
+/// Logits of the last position of row 0, for a batch of `b` rows of `len` tokens.
+fn first_row_logits(model: &Model, len: usize, b: usize) -> Vec<u32> {
+    let rows: Vec<Vec<u32>> = (0..b)
+        .map(|k| {
+            (0..len as u32)
+                .map(|i| 5 + (i * 7 + k as u32 * 13) % 400)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+    let batch = rlhf_model::batch::TokenBatch::left_padded(&refs, 2).unwrap();
+    let (h, _) = model.hidden_states(&batch, None, false);
+    let [bb, t, hh] = h.dims();
+    let v = model.config.vocab_size;
+    rlhf_model::host::to_vec(model.lm_logits(h.slice([0..bb, t - 1..t, 0..hh])))[..v]
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+#[test]
+fn a_rows_logits_do_not_depend_on_the_batch_bitwise() {
+    let (mut fixture, _) = fixture();
+    fixture.batch_invariant = true;
+    let mut wider = Model::init(
+        &rlhf_model::ModelConfig::llama(rlhf_model::LlamaDims {
+            vocab_size: 2048,
+            hidden_size: 256,
+            intermediate_size: 688,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 4,
+            max_position_embeddings: 128,
+            tie_word_embeddings: false,
+            bos_token_id: 0,
+            eos_token_id: 1,
+            pad_token_id: 2,
+        }),
+        &device::inference_device().unwrap(),
+        3,
+    );
+    wider.batch_invariant = true;
+    for model in [&fixture, &wider] {
+        for len in [1, 3, 8] {
+            let alone = first_row_logits(model, len, 1);
+            for b in [2, 3, 5, 8, 9, 17, 40] {
+                assert!(
+                    first_row_logits(model, len, b) == alone,
+                    "hidden {}: row 0 of {b} rows of {len} tokens differs from the row alone",
+                    model.config.hidden_size
+                );
+            }
+        }
+    }
+}
