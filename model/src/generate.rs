@@ -1,17 +1,13 @@
-//! Batched generation with a KV cache.
-//!
-//! Prompts of different lengths are left-padded into one prefill; then each step feeds every
-//! unfinished sequence its last token. A finished sequence leaves the batch (its cache rows are
-//! dropped), so the cost follows the sequences still running.
+//! Batched generation with a KV cache: every request is prefilled together (left-padded), then
+//! each step feeds every unfinished sequence its last token; a finished sequence leaves the batch
+//! (its cache rows are dropped). The mechanics live in [`DecodeBatch`], which the rollout actor
+//! also drives with sequences joining mid-way.
 
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
-
-use crate::batch::TokenBatch;
 use crate::config::HeadKind;
+use crate::decode::DecodeBatch;
 use crate::error::{ModelError, Result};
 use crate::llama::Model;
-use crate::sampling::{SamplingParams, sample};
+use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 
 /// Everything that decides one sequence's generation besides its prompt.
@@ -77,15 +73,6 @@ pub struct Generation {
     pub finish_reason: FinishReason,
 }
 
-/// A sequence being generated.
-struct Running {
-    index: usize,
-    rng: ChaCha8Rng,
-    tokens: Vec<u32>,
-    logprobs: Vec<f32>,
-    next_position: usize,
-}
-
 impl Model {
     /// Generates a completion for every request, in one batch.
     ///
@@ -95,69 +82,19 @@ impl Model {
         requests: &[GenerationRequest],
         tokenizer: Option<&Tokenizer>,
     ) -> Result<Vec<Generation>> {
-        self.check_requests(requests, tokenizer)?;
-        if requests.is_empty() {
-            return Ok(Vec::new());
-        }
-        let prompts: Vec<&[u32]> = requests.iter().map(|r| r.prompt.as_slice()).collect();
-        let batch = TokenBatch::left_padded(&prompts, self.config.pad_token_id.unwrap_or(0))?;
-        let (hidden, cache) = self.hidden_states(&batch, None, true);
-        let mut cache = cache.expect("a cache was requested");
-        let mut logits = self.last_logits(hidden);
-
-        let mut done: Vec<Option<Generation>> = vec![None; requests.len()];
-        let mut running: Vec<Running> = requests
+        let mut batch = DecodeBatch::new();
+        let numbered = requests
             .iter()
+            .cloned()
             .enumerate()
-            .map(|(index, r)| Running {
-                index,
-                rng: ChaCha8Rng::seed_from_u64(r.params.seed),
-                tokens: Vec::new(),
-                logprobs: Vec::new(),
-                next_position: r.prompt.len(),
-            })
+            .map(|(i, r)| (i as u64, r))
             .collect();
-
-        loop {
-            let vocab = self.config.vocab_size;
-            let mut keep_rows = Vec::new();
-            let mut still = Vec::new();
-            for (row, mut seq) in running.into_iter().enumerate() {
-                let req = &requests[seq.index];
-                let row_logits = &logits[row * vocab..(row + 1) * vocab];
-                let (token, lp) = sample(row_logits, &req.params.sampling, &mut seq.rng);
-                seq.tokens.push(token);
-                seq.logprobs.push(lp);
-                match self.finished(&seq, req, token, tokenizer)? {
-                    Some(reason) => {
-                        done[seq.index] = Some(Generation {
-                            tokens: seq.tokens,
-                            logprobs: seq.logprobs,
-                            finish_reason: reason,
-                        })
-                    }
-                    None => {
-                        keep_rows.push(row);
-                        still.push(seq);
-                    }
-                }
+        batch.admit(self, numbered, tokenizer)?;
+        let mut done: Vec<Option<Generation>> = vec![None; requests.len()];
+        while !batch.is_empty() {
+            for f in batch.step(self, tokenizer)? {
+                done[f.id as usize] = Some(f.generation);
             }
-            running = still;
-            if running.is_empty() {
-                break;
-            }
-            cache.retain_rows(&keep_rows);
-            let tokens: Vec<u32> = running
-                .iter()
-                .map(|s| *s.tokens.last().expect("sampled"))
-                .collect();
-            let positions: Vec<usize> = running.iter().map(|s| s.next_position).collect();
-            for s in &mut running {
-                s.next_position += 1;
-            }
-            let step = TokenBatch::decode_step(&tokens, &positions);
-            let (hidden, _) = self.hidden_states(&step, Some(&mut cache), false);
-            logits = self.last_logits(hidden);
         }
         Ok(done
             .into_iter()
@@ -165,7 +102,7 @@ impl Model {
             .collect())
     }
 
-    fn check_requests(
+    pub(crate) fn check_requests(
         &self,
         requests: &[GenerationRequest],
         tokenizer: Option<&Tokenizer>,
@@ -212,34 +149,9 @@ impl Model {
     }
 
     /// Logits of the last column, on the host, row-major `[batch, vocab]`.
-    fn last_logits(&self, hidden: burn::tensor::Tensor<3>) -> Vec<f32> {
+    pub(crate) fn last_logits(&self, hidden: burn::tensor::Tensor<3>) -> Vec<f32> {
         let [b, t, h] = hidden.dims();
         let last = hidden.slice([0..b, t - 1..t, 0..h]);
         crate::host::to_vec(self.lm_logits(last))
-    }
-
-    fn finished(
-        &self,
-        seq: &Running,
-        req: &GenerationRequest,
-        token: u32,
-        tokenizer: Option<&Tokenizer>,
-    ) -> Result<Option<FinishReason>> {
-        let p = &req.params;
-        let is_eos = !p.ignore_eos && self.config.eos_token_ids.contains(&token);
-        if is_eos || p.stop_token_ids.contains(&token) {
-            return Ok(Some(FinishReason::Stop));
-        }
-        if let (false, Some(tok)) = (p.stop_strings.is_empty(), tokenizer) {
-            let text = tok.decode(&seq.tokens, true)?;
-            if p.stop_strings.iter().any(|s| text.contains(s.as_str())) {
-                return Ok(Some(FinishReason::Stop));
-            }
-        }
-        let at_context = seq.next_position + 1 >= self.config.max_position_embeddings;
-        if seq.tokens.len() >= p.max_new_tokens || at_context {
-            return Ok(Some(FinishReason::Length));
-        }
-        Ok(None)
     }
 }

@@ -45,6 +45,78 @@ impl KvCache {
         self.len = new_len;
     }
 
+    /// Stacks another cache's rows under this one's; the shorter one is left-padded with masked
+    /// columns so both end in the same column.
+    pub fn merge(mut self, mut other: KvCache) -> KvCache {
+        let len = self.len.max(other.len);
+        self.pad_left(len - self.len);
+        other.pad_left(len - other.len);
+        let layers = self
+            .layers
+            .into_iter()
+            .zip(other.layers)
+            .map(|((k1, v1), (k2, v2))| {
+                (Tensor::cat(vec![k1, k2], 0), Tensor::cat(vec![v1, v2], 0))
+            })
+            .collect();
+        let mut valid = self.valid;
+        valid.extend(other.valid);
+        KvCache {
+            layers,
+            valid,
+            batch: self.batch + other.batch,
+            len,
+        }
+    }
+
+    /// Adds `n` masked columns before every row.
+    fn pad_left(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        for (k, v) in &mut self.layers {
+            let [b, h, _, d] = k.dims();
+            let zeros = Tensor::<4>::zeros([b, h, n, d], &k.device());
+            *k = Tensor::cat(vec![zeros.clone(), k.clone()], 2);
+            *v = Tensor::cat(vec![zeros, v.clone()], 2);
+        }
+        let mut valid = Vec::with_capacity(self.batch * (self.len + n));
+        for row in 0..self.batch {
+            valid.extend(std::iter::repeat_n(false, n));
+            valid.extend_from_slice(&self.valid[row * self.len..(row + 1) * self.len]);
+        }
+        self.valid = valid;
+        self.len += n;
+    }
+
+    /// Drops the leading columns that are padding in every row (left by sequences that left).
+    pub fn trim_left(&mut self) {
+        let lead = (0..self.batch)
+            .map(|row| {
+                self.valid[row * self.len..(row + 1) * self.len]
+                    .iter()
+                    .take_while(|v| !**v)
+                    .count()
+            })
+            .min()
+            .unwrap_or(0);
+        if lead == 0 || lead >= self.len {
+            return;
+        }
+        for (k, v) in &mut self.layers {
+            let [b, h, t, d] = k.dims();
+            *k = k.clone().slice([0..b, 0..h, lead..t, 0..d]);
+            *v = v.clone().slice([0..b, 0..h, lead..t, 0..d]);
+        }
+        let new_len = self.len - lead;
+        let mut valid = Vec::with_capacity(self.batch * new_len);
+        for row in 0..self.batch {
+            valid.extend_from_slice(&self.valid[row * self.len + lead..(row + 1) * self.len]);
+        }
+        self.valid = valid;
+        self.len = new_len;
+    }
+
     /// Keeps only the given rows, in the given order.
     pub fn retain_rows(&mut self, rows: &[usize]) {
         if rows.len() == self.batch && rows.iter().enumerate().all(|(i, &r)| i == r) {

@@ -16,6 +16,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod decode;
 pub mod device;
 pub mod dtype;
 pub mod error;
@@ -34,6 +35,7 @@ pub mod weights;
 
 pub use burn;
 pub use config::{Architecture, DType, Family, HeadKind, LlamaDims, ModelConfig};
+pub use decode::{DecodeBatch, Finished};
 pub use error::{ModelError, Result};
 pub use generate::{FinishReason, Generation, GenerationParams, GenerationRequest};
 pub use llama::Model;
