@@ -1,7 +1,8 @@
-//! Rollout service: generation with continuous batching and live weight updates.
-//!
-//! This crate is filled in by its own issue; for now it only links the shared crates so the
-//! workspace builds end to end.
+//! The rollout actor: generates completions with continuous batching, scores them on the reward
+//! server and pushes them to the learners as they finish, and swaps in new weights between
+//! decode iterations.
 
-pub use rlhf_model;
-pub use rlhf_proto;
+pub mod cli;
+pub mod engine;
+pub mod metrics;
+pub mod service;

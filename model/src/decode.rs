@@ -80,16 +80,42 @@ impl DecodeBatch {
         }
         let plain: Vec<GenerationRequest> = requests.iter().map(|(_, r)| r.clone()).collect();
         model.check_requests(&plain, tokenizer)?;
-        let prompts: Vec<&[u32]> = plain.iter().map(|r| r.prompt.as_slice()).collect();
-        let batch = TokenBatch::left_padded(&prompts, model.config.pad_token_id.unwrap_or(0))?;
-        let (hidden, cache) = model.hidden_states(&batch, None, true);
-        let logits = model.last_logits(hidden);
+        // Each distinct prompt is prefilled alone (no padding, so its cache and logits are the
+        // same whatever else is admitted with it) and its rows repeated for its samples.
+        let mut distinct: Vec<&[u32]> = Vec::new();
+        let mut row_of: Vec<usize> = Vec::with_capacity(plain.len());
+        for r in &plain {
+            match distinct.iter().position(|p| *p == r.prompt.as_slice()) {
+                Some(i) => row_of.push(i),
+                None => {
+                    row_of.push(distinct.len());
+                    distinct.push(&r.prompt);
+                }
+            }
+        }
         let vocab = model.config.vocab_size;
-        let fresh = cache.expect("a cache was requested");
+        let mut prefilled: Option<KvCache> = None;
+        let mut prompt_logits: Vec<Vec<f32>> = Vec::with_capacity(distinct.len());
+        for prompt in &distinct {
+            let batch = TokenBatch::left_padded(&[prompt], model.config.pad_token_id.unwrap_or(0))?;
+            let (hidden, cache) = model.hidden_states(&batch, None, true);
+            prompt_logits.push(model.last_logits(hidden));
+            let cache = cache.expect("a cache was requested");
+            prefilled = Some(match prefilled {
+                None => cache,
+                Some(c) => c.merge(cache),
+            });
+        }
+        let mut fresh = prefilled.expect("at least one prompt");
+        fresh.retain_rows(&row_of);
         self.cache = Some(match self.cache.take() {
             None => fresh,
             Some(running) => running.merge(fresh),
         });
+        let logits: Vec<f32> = row_of
+            .iter()
+            .flat_map(|&i| prompt_logits[i].iter().copied())
+            .collect();
         for (row, (id, r)) in requests.into_iter().enumerate() {
             self.running.push(Running {
                 id,
@@ -161,7 +187,7 @@ impl DecodeBatch {
         }
         if let Some(cache) = &mut self.cache {
             cache.retain_rows(keep);
-            cache.trim_left();
+            cache.trim();
         }
     }
 

@@ -1,29 +1,45 @@
 //! Keys and values of the positions already processed, per layer, for incremental decoding.
+//!
+//! Columns are stored **newest first**: column 0 holds each row's latest token and a row's real
+//! tokens are a prefix of its columns, padding (masked) at the end. Rows of different lengths
+//! then differ only in trailing zeros, which every attention sum adds last, so a row's attention
+//! output is bit-identical whatever it shares the batch with (with time-ordered, left-padded
+//! rows the leading zeros shift the sum's blocking and change the rounding).
 
 use burn::tensor::{Int, Tensor, TensorData};
 
 /// The KV cache of a batch of sequences.
-///
-/// Rows are sequences; columns are past positions (padding columns included, marked in
-/// `valid`). Rows can be dropped between steps ([`KvCache::retain_rows`]) when their sequence
-/// has finished, so finished sequences cost nothing.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    /// Per layer: keys and values `[batch, kv_heads, len, head_dim]`.
+    /// Per layer: keys and values `[batch, kv_heads, len, head_dim]`, newest column first.
     pub layers: Vec<(Tensor<4>, Tensor<4>)>,
-    /// `[batch * len]`: whether each cached column holds a real token.
+    /// `[batch * len]`: whether each cached column holds a real token (a prefix of each row).
     pub valid: Vec<bool>,
     pub batch: usize,
     pub len: usize,
 }
 
 impl KvCache {
-    pub(crate) fn new(
+    /// A cache from a prefill's keys and values in time order (left-padded rows).
+    pub(crate) fn from_prefill(
         layers: Vec<(Tensor<4>, Tensor<4>)>,
         valid: Vec<bool>,
         batch: usize,
         len: usize,
     ) -> Self {
+        let layers = layers
+            .into_iter()
+            .map(|(k, v)| (k.flip([2]), v.flip([2])))
+            .collect();
+        let valid = (0..batch)
+            .flat_map(|row| {
+                valid[row * len..(row + 1) * len]
+                    .iter()
+                    .rev()
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         KvCache {
             layers,
             valid,
@@ -32,25 +48,41 @@ impl KvCache {
         }
     }
 
-    /// Appends `seq` new columns per row (the layers already grew inside the forward pass).
-    pub(crate) fn extend_valid(&mut self, new_valid: &[bool], seq: usize) {
-        let old = std::mem::take(&mut self.valid);
-        let new_len = self.len + seq;
-        let mut valid = Vec::with_capacity(self.batch * new_len);
+    /// Valid flags of the keys one decode step attends to, `[batch * (len + 1)]`: the new token
+    /// (column 0) then the cached columns.
+    pub(crate) fn step_valid(&self) -> Vec<bool> {
+        let mut out = Vec::with_capacity(self.batch * (self.len + 1));
         for row in 0..self.batch {
-            valid.extend_from_slice(&old[row * self.len..(row + 1) * self.len]);
-            valid.extend_from_slice(&new_valid[row * seq..(row + 1) * seq]);
+            out.push(true);
+            out.extend_from_slice(&self.valid[row * self.len..(row + 1) * self.len]);
         }
-        self.valid = valid;
-        self.len = new_len;
+        out
     }
 
-    /// Stacks another cache's rows under this one's; the shorter one is left-padded with masked
-    /// columns so both end in the same column.
+    /// Puts one new column (the step's keys and values) in front of layer `i`'s cache.
+    pub(crate) fn push_front(
+        &mut self,
+        layer: usize,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let (past_k, past_v) = &mut self.layers[layer];
+        *past_k = Tensor::cat(vec![k, past_k.clone()], 2);
+        *past_v = Tensor::cat(vec![v, past_v.clone()], 2);
+        (past_k.clone(), past_v.clone())
+    }
+
+    /// Records the column the layers just received in front.
+    pub(crate) fn commit_step(&mut self) {
+        self.valid = self.step_valid();
+        self.len += 1;
+    }
+
+    /// Stacks another cache's rows under this one's; the shorter is padded at the end.
     pub fn merge(mut self, mut other: KvCache) -> KvCache {
         let len = self.len.max(other.len);
-        self.pad_left(len - self.len);
-        other.pad_left(len - other.len);
+        self.pad_end(len - self.len);
+        other.pad_end(len - other.len);
         let layers = self
             .layers
             .into_iter()
@@ -69,55 +101,54 @@ impl KvCache {
         }
     }
 
-    /// Adds `n` masked columns before every row.
-    fn pad_left(&mut self, n: usize) {
+    /// Adds `n` masked columns after every row.
+    fn pad_end(&mut self, n: usize) {
         if n == 0 {
             return;
         }
         for (k, v) in &mut self.layers {
             let [b, h, _, d] = k.dims();
             let zeros = Tensor::<4>::zeros([b, h, n, d], &k.device());
-            *k = Tensor::cat(vec![zeros.clone(), k.clone()], 2);
-            *v = Tensor::cat(vec![zeros, v.clone()], 2);
+            *k = Tensor::cat(vec![k.clone(), zeros.clone()], 2);
+            *v = Tensor::cat(vec![v.clone(), zeros], 2);
         }
         let mut valid = Vec::with_capacity(self.batch * (self.len + n));
         for row in 0..self.batch {
-            valid.extend(std::iter::repeat_n(false, n));
             valid.extend_from_slice(&self.valid[row * self.len..(row + 1) * self.len]);
+            valid.extend(std::iter::repeat_n(false, n));
         }
         self.valid = valid;
         self.len += n;
     }
 
-    /// Drops the leading columns that are padding in every row (left by sequences that left).
-    pub fn trim_left(&mut self) {
-        let lead = (0..self.batch)
+    /// Drops the trailing columns that are padding in every row (left by sequences that left).
+    pub fn trim(&mut self) {
+        let keep = (0..self.batch)
             .map(|row| {
                 self.valid[row * self.len..(row + 1) * self.len]
                     .iter()
-                    .take_while(|v| !**v)
+                    .filter(|v| **v)
                     .count()
             })
-            .min()
+            .max()
             .unwrap_or(0);
-        if lead == 0 || lead >= self.len {
+        if keep == 0 || keep >= self.len {
             return;
         }
         for (k, v) in &mut self.layers {
-            let [b, h, t, d] = k.dims();
-            *k = k.clone().slice([0..b, 0..h, lead..t, 0..d]);
-            *v = v.clone().slice([0..b, 0..h, lead..t, 0..d]);
+            let [b, h, _, d] = k.dims();
+            *k = k.clone().slice([0..b, 0..h, 0..keep, 0..d]);
+            *v = v.clone().slice([0..b, 0..h, 0..keep, 0..d]);
         }
-        let new_len = self.len - lead;
-        let mut valid = Vec::with_capacity(self.batch * new_len);
+        let mut valid = Vec::with_capacity(self.batch * keep);
         for row in 0..self.batch {
-            valid.extend_from_slice(&self.valid[row * self.len + lead..(row + 1) * self.len]);
+            valid.extend_from_slice(&self.valid[row * self.len..row * self.len + keep]);
         }
         self.valid = valid;
-        self.len = new_len;
+        self.len = keep;
     }
 
-    /// Keeps only the given rows, in the given order.
+    /// Keeps the given rows in the given order (a row may repeat: samples sharing a prompt).
     pub fn retain_rows(&mut self, rows: &[usize]) {
         if rows.len() == self.batch && rows.iter().enumerate().all(|(i, &r)| i == r) {
             return;

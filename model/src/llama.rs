@@ -179,7 +179,7 @@ impl Attention {
         &self,
         x: Tensor<3>,
         ctx: &ForwardContext,
-        cache: Option<&mut (Tensor<4>, Tensor<4>)>,
+        cache: Option<(&mut KvCache, usize)>,
         fresh_cache: &mut Option<(Tensor<4>, Tensor<4>)>,
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
@@ -193,13 +193,8 @@ impl Attention {
         let k = apply_rope(k, &ctx.cos, &ctx.sin);
 
         let (k, v) = match cache {
-            Some((past_k, past_v)) => {
-                let k = Tensor::cat(vec![past_k.clone(), k], 2);
-                let v = Tensor::cat(vec![past_v.clone(), v], 2);
-                *past_k = k.clone();
-                *past_v = v.clone();
-                (k, v)
-            }
+            // A decode step: the new column goes in front of the newest-first cache.
+            Some((cache, layer)) => cache.push_front(layer, k, v),
             None => {
                 *fresh_cache = Some((k.clone(), v.clone()));
                 (k, v)
@@ -249,7 +244,7 @@ impl DecoderLayer {
         &self,
         x: Tensor<3>,
         ctx: &ForwardContext,
-        cache: Option<&mut (Tensor<4>, Tensor<4>)>,
+        cache: Option<(&mut KvCache, usize)>,
         fresh_cache: &mut Option<(Tensor<4>, Tensor<4>)>,
     ) -> Tensor<3> {
         let attn = self.self_attn.forward(
@@ -301,9 +296,12 @@ impl Model {
 
     /// Final-norm hidden states of every position.
     ///
-    /// With a cache, `batch` continues the cached sequences (its rows are the cache's rows) and
-    /// the cache grows by `batch.seq` columns. Without one, a new cache is returned when
-    /// `want_cache` is set.
+    /// With a cache, `batch` is one decode step of the cached sequences (one token per row, rows
+    /// in the cache's order) and the cache grows by one column. Without one, a new cache is
+    /// returned when `want_cache` is set.
+    ///
+    /// # Panics
+    /// When a cache is given with more than one token per row.
     ///
     /// # Shapes
     /// - returns `[batch.batch, batch.seq, hidden]`
@@ -313,6 +311,11 @@ impl Model {
         mut cache: Option<&mut KvCache>,
         want_cache: bool,
     ) -> (Tensor<3>, Option<KvCache>) {
+        assert!(
+            cache.is_none() || batch.seq == 1,
+            "a KV cache continues one token per row; got {} columns",
+            batch.seq
+        );
         let device = self.device();
         let ctx = self.context(batch, cache.as_deref(), &device);
         let ids: Vec<i64> = batch.tokens.iter().map(|&t| t as i64).collect();
@@ -321,7 +324,7 @@ impl Model {
         let mut x = embedding(self.model.embed_tokens.weight.val(), ids);
         let mut fresh: Vec<(Tensor<4>, Tensor<4>)> = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             let mut fresh_layer = None;
             x = layer.forward(x, &ctx, layer_cache, &mut fresh_layer);
             if want_cache && let Some(kv) = fresh_layer {
@@ -329,10 +332,10 @@ impl Model {
             }
         }
         if let Some(c) = cache {
-            c.extend_valid(&batch.valid, batch.seq);
+            c.commit_step();
         }
         let new_cache = (want_cache && fresh.len() == self.model.layers.len())
-            .then(|| KvCache::new(fresh, batch.valid.clone(), batch.batch, batch.seq));
+            .then(|| KvCache::from_prefill(fresh, batch.valid.clone(), batch.batch, batch.seq));
         (self.model.norm.forward(x), new_cache)
     }
 
@@ -347,27 +350,9 @@ impl Model {
         let shape = [batch.batch, 1, batch.seq, d];
         let cos = Tensor::<4>::from_data(TensorData::new(cos, shape), device);
         let sin = Tensor::<4>::from_data(TensorData::new(sin, shape), device);
-        let (past_valid, past_len) = cache.map_or((&[][..], 0), |c| (&c.valid[..], c.len));
-        let past_dense = past_valid.iter().all(|&v| v);
-        let window_bites = self
-            .config
-            .sliding_window
-            .is_some_and(|w| past_len + batch.seq > w);
-        let dense = batch.is_dense() && past_dense && !window_bites;
-        // Without padding, a prefill is plain causal attention and a single new token may see the
-        // whole cache: neither needs a mask.
-        let (mask, causal) = if dense && past_len == 0 {
-            (None, true)
-        } else if dense && batch.seq == 1 {
-            (None, false)
-        } else {
-            let k = past_len + batch.seq;
-            let mask = attention_mask(batch, past_valid, past_len, self.config.sliding_window);
-            let mask = bool_mask(mask, [batch.batch, 1, batch.seq, k], device);
-            (
-                Some(mask.expand([batch.batch, self.config.num_heads, batch.seq, k])),
-                false,
-            )
+        let (mask, causal) = match cache {
+            Some(c) => (self.step_mask(c, device), false),
+            None => self.prefill_mask(batch, device),
         };
         ForwardContext {
             cos,
@@ -376,6 +361,40 @@ impl Model {
             causal,
             min_rows: self.min_rows(),
         }
+    }
+
+    /// The mask of a prefill (time order): causal, padding, sliding window.
+    fn prefill_mask(&self, batch: &TokenBatch, device: &Device) -> (Option<Tensor<4, Bool>>, bool) {
+        let window_bites = self.config.sliding_window.is_some_and(|w| batch.seq > w);
+        if batch.is_dense() && !window_bites {
+            // No padding: the backend's causal flag says everything.
+            return (None, true);
+        }
+        let k = batch.seq;
+        let mask = attention_mask(batch, &[], 0, self.config.sliding_window);
+        let mask = bool_mask(mask, [batch.batch, 1, batch.seq, k], device);
+        (
+            Some(mask.expand([batch.batch, self.config.num_heads, batch.seq, k])),
+            false,
+        )
+    }
+
+    /// The mask of a decode step over the newest-first cache: padding, and keys older than the
+    /// sliding window (column c is c steps old).
+    fn step_mask(&self, cache: &KvCache, device: &Device) -> Option<Tensor<4, Bool>> {
+        let valid = cache.step_valid();
+        let k = cache.len + 1;
+        let window = self.config.sliding_window.unwrap_or(usize::MAX);
+        if window >= k && valid.iter().all(|&v| v) {
+            return None;
+        }
+        let mask: Vec<bool> = valid
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| !v || i % k >= window)
+            .collect();
+        let mask = bool_mask(mask, [cache.batch, 1, 1, k], device);
+        Some(mask.expand([cache.batch, self.config.num_heads, 1, k]))
     }
 
     /// Logits over the vocabulary.

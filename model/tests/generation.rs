@@ -237,19 +237,26 @@ fn a_rows_logits_do_not_depend_on_the_batch_bitwise() {
 fn sequences_joining_a_running_batch_generate_what_they_generate_alone() {
     let (mut model, tok) = fixture();
     model.batch_invariant = true;
-    let texts = ["A", "The quick brown fox", "Once upon a time there was", "Hello", "tabs\tand\nnewlines", "x y z"];
+    let texts = [
+        "A",
+        "The quick brown fox",
+        "Once upon a time there was",
+        "Hello",
+        "tabs\tand\nnewlines",
+        "x y z",
+    ];
     let requests: Vec<GenerationRequest> = texts
         .iter()
         .enumerate()
         .map(|(i, t)| request(&tok, t, sampled(100 + i as u64, 6 + 3 * i)))
         .collect();
-    let alone: Vec<Vec<u32>> = requests
+    let alone: Vec<rlhf_model::Generation> = requests
         .iter()
-        .map(|r| model.generate(std::slice::from_ref(r), None).unwrap().remove(0).tokens)
+        .map(|r| model.generate(std::slice::from_ref(r), None).unwrap().remove(0))
         .collect();
 
     let mut batch = rlhf_model::DecodeBatch::new();
-    let mut got: Vec<Option<Vec<u32>>> = vec![None; requests.len()];
+    let mut got: Vec<Option<rlhf_model::Generation>> = vec![None; requests.len()];
     let mut next = 0;
     let mut steps = 0;
     while got.iter().any(Option::is_none) {
@@ -262,13 +269,18 @@ fn sequences_joining_a_running_batch_generate_what_they_generate_alone() {
             batch.admit(&model, joining, None).unwrap();
         }
         for f in batch.step(&model, None).unwrap() {
-            got[f.id as usize] = Some(f.generation.tokens);
+            got[f.id as usize] = Some(f.generation);
         }
         steps += 1;
         assert!(steps < 200, "generation did not finish");
     }
     for (i, (a, b)) in alone.iter().zip(&got).enumerate() {
-        assert_eq!(Some(a), b.as_ref(), "sequence {i} changed when it shared a running batch");
+        // Tokens and log-probs, bit for bit.
+        assert_eq!(
+            Some(a),
+            b.as_ref(),
+            "sequence {i} changed when it shared a running batch"
+        );
     }
     assert_eq!(batch.cache_tokens(), 0, "the cache empties with the batch");
 }
