@@ -248,8 +248,19 @@ impl EngineLoop {
     }
 
     /// Moves waiting sequences into the batch, FIFO, as capacity allows.
+    ///
+    /// Joining costs a prefill and a copy of the running KV cache, so while the batch runs,
+    /// newcomers are let in once half of the slots (or all of the queue) can join at
+    /// once, rather than one by one as slots free.
     fn admit(&mut self) {
         if self.staged.is_some() {
+            return;
+        }
+        let free = self.limits.max_sequences.saturating_sub(self.batch.len());
+        let group = (self.limits.max_sequences / 2)
+            .max(1)
+            .min(self.waiting.len());
+        if !self.batch.is_empty() && free < group {
             return;
         }
         let mut budget = self.used_budget();

@@ -252,7 +252,12 @@ fn sequences_joining_a_running_batch_generate_what_they_generate_alone() {
         .collect();
     let alone: Vec<rlhf_model::Generation> = requests
         .iter()
-        .map(|r| model.generate(std::slice::from_ref(r), None).unwrap().remove(0))
+        .map(|r| {
+            model
+                .generate(std::slice::from_ref(r), None)
+                .unwrap()
+                .remove(0)
+        })
         .collect();
 
     let mut batch = rlhf_model::DecodeBatch::new();
