@@ -1,3 +1,8 @@
 //! The control plane and the `rlhf` command line.
 
 pub mod cli;
+pub mod controller;
+pub mod data;
+pub mod job;
+pub mod launcher;
+pub mod state;

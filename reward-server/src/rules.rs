@@ -105,7 +105,7 @@ impl Rule {
             Rule::ForbiddenWords { matcher, mode } => {
                 let hits = matcher.find_iter(input.completion).count();
                 Ok(match mode {
-                    ForbiddenMode::Count => -(hits as f32),
+                    ForbiddenMode::Count => 0.0 - hits as f32,
                     ForbiddenMode::Any => (hits == 0) as u8 as f32,
                 })
             }

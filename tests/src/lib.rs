@@ -1,1 +1,146 @@
-//! Helpers for the end-to-end tests in `tests/tests/`.
+//! Helpers for the end-to-end tests in `tests/tests/`: the workspace's binaries, job files on
+//! the fixtures, and reading a run's outputs.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// A binary of the workspace (`rlhf`, `actor`, ...), built by `cargo test --workspace` next to
+/// this test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: run the tests with `cargo test --workspace` so every binary is built",
+        path.display()
+    );
+    path
+}
+
+/// The reference fixtures folder (`RLHF_FIXTURES_DIR`, else `../shared/fixtures`).
+pub fn fixtures() -> PathBuf {
+    let dir = std::env::var_os("RLHF_FIXTURES_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures"));
+    assert!(dir.is_dir(), "fixtures folder {} not found", dir.display());
+    dir
+}
+
+/// Writes `n` prompts to `path` as JSONL.
+pub fn write_prompts(path: &Path, prefix: &str, n: usize) {
+    let lines: Vec<String> = (0..n)
+        .map(|i| serde_json::json!({"id": format!("{prefix}{i}"), "prompt": format!("Tell me about topic {i}:")}).to_string())
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// A small job on the tiny fixtures: a reward model (log-sigmoid) and a rule (identity).
+pub fn tiny_job(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    write_prompts(&dir.join("prompts.jsonl"), "p", 12);
+    write_prompts(&dir.join("eval.jsonl"), "e", 4);
+    let f = fixtures();
+    let text = format!(
+        r#"
+name = "{name}"
+output_dir = "{out}"
+seed = 3
+
+[policy]
+model = "{policy}"
+
+[data]
+prompts = "prompts.jsonl"
+eval_prompts = "eval.jsonl"
+
+[[objective]]
+name = "rm"
+kind = "model"
+model = "{rm}"
+transform = "log_sigmoid"
+
+[[objective]]
+name = "short"
+kind = "rule"
+verifier = "regex"
+pattern = "^.{{0,30}}$"
+transform = "identity"
+weight = 0.5
+
+[rollout]
+steps = 3
+prompts_per_step = 4
+samples_per_prompt = 4
+max_new_tokens = 16
+
+[learner.optim]
+lr = 1e-4
+micro_batch = 16
+
+[learner.checkpoint]
+every_steps = 1
+keep = 3
+
+[evaluation]
+every_steps = 2
+{extra}
+"#,
+        out = dir.join("run").display(),
+        policy = f.join("tiny-llama").display(),
+        rm = f.join("tiny-llama-rm").display(),
+    );
+    let path = dir.join("job.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The `step` of every line of a run's `metrics.jsonl`.
+pub fn metric_steps(run: &Path) -> Vec<u64> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// A run's job record (`job.json`).
+pub fn job_record(run: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(run.join("job.json")).unwrap()).unwrap()
+}
+
+/// The pid of a worker from `workers/endpoints.json`.
+pub fn worker_pid(run: &Path, role: &str, index: usize) -> u32 {
+    let all: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(run.join("workers/endpoints.json")).unwrap())
+            .unwrap();
+    all.iter()
+        .find(|w| w["role"] == role && w["index"] == index)
+        .and_then(|w| w["pid"].as_u64())
+        .unwrap_or_else(|| panic!("no {role} {index} in endpoints.json")) as u32
+}
+
+/// Waits until `f` holds (polling), panicking after `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends a signal to a process (`kill -SIG pid`).
+pub fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{sig} {pid}");
+}

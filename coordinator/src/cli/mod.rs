@@ -2,6 +2,8 @@
 
 mod model;
 mod reward;
+pub mod run;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +34,15 @@ pub enum Command {
     },
     /// Supervised fine-tuning on prompt/response pairs (loss on response tokens only).
     Sft(rlhf_learner::sft::SftOptions),
+    /// Run a whole job on this machine (local workers, live progress; Ctrl-C stops cleanly).
+    Run(run::RunArgs),
+    /// Check a job file and list every problem.
+    Validate {
+        /// The job file.
+        job: std::path::PathBuf,
+    },
+    /// Run one service process (what the launchers start).
+    Worker(worker::WorkerArgs),
 }
 
 /// Runs a parsed command line.
@@ -39,6 +50,20 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model::run(command),
         Command::Reward { command } => reward::run(command),
+        Command::Run(args) => run::run(args),
+        Command::Validate { job } => {
+            let spec = run::load_job(&job)?;
+            println!(
+                "{}: ok — job `{}`, {} objective(s), {} steps, {:?}",
+                job.display(),
+                spec.name,
+                spec.objectives.len(),
+                spec.rollout.steps,
+                spec.learner.algorithm
+            );
+            Ok(())
+        }
+        Command::Worker(args) => worker::run(args),
         Command::Sft(opts) => {
             let report = rlhf_learner::sft::train_sft(&opts)?;
             if let Some(last) = report.last() {

@@ -1,0 +1,244 @@
+//! `rlhf run` end to end: real worker processes, real gRPC, the tiny fixtures. Jobs complete
+//! (GRPO and PPO), resume, survive a killed learner or actor, fail clearly when the reward
+//! server is gone, and stop cleanly on Ctrl-C.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rlhf_tests::*;
+
+fn rlhf(args: &[&str]) -> Child {
+    Command::new(bin("rlhf"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("rlhf starts")
+}
+
+fn finish(child: Child) -> (bool, String) {
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn grpo_job_completes_evaluates_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), "grpo", "");
+    let run = tmp.path().join("run");
+    let (ok, err) = finish(rlhf(&["run", job.to_str().unwrap(), "--quiet"]));
+    assert!(ok, "{err}");
+    assert_eq!(metric_steps(&run), vec![1, 2, 3]);
+    assert!(
+        run.join("eval/step-000002.jsonl").is_file()
+            && run.join("eval/step-000003.jsonl").is_file()
+    );
+    assert!(
+        run.join("reference_rewards.json").is_file(),
+        "r_ref was calibrated"
+    );
+    let record = job_record(&run);
+    let states: Vec<&str> = record["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        ["queued", "placing", "calibrating", "running", "succeeded"]
+    );
+    let line: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "reward/rm/raw",
+        "reward/rm/transformed",
+        "reward/short/raw",
+        "kl/token",
+        "kl/beta",
+        "eval/rm",
+        "rollout/tokens_per_s",
+    ] {
+        assert!(line[key].is_number(), "metric {key} missing: {line}");
+    }
+
+    // Two more steps from the checkpoint of step 3.
+    let (ok, err) = finish(rlhf(&[
+        "run",
+        job.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        "5",
+        "--quiet",
+    ]));
+    assert!(ok, "{err}");
+    assert!(err.contains("resuming after step 3"), "{err}");
+    assert_eq!(metric_steps(&run), vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn ppo_job_with_a_critic_completes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(
+        tmp.path(),
+        "ppo",
+        "[learner]\nalgorithm = \"ppo\"\n[learner.ppo]\ncritic_lr = 1e-4\n",
+    );
+    let (ok, err) = finish(rlhf(&["run", job.to_str().unwrap(), "--quiet"]));
+    assert!(ok, "{err}");
+    let run = tmp.path().join("run");
+    assert_eq!(metric_steps(&run), vec![1, 2, 3]);
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert!(text.contains("critic/value_loss"));
+}
+
+#[test]
+fn a_killed_learner_is_replaced_and_the_job_continues() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), "learner-dies", "");
+    let run = tmp.path().join("run");
+    let child = rlhf(&["run", job.to_str().unwrap(), "--steps", "6", "--quiet"]);
+    wait_for("step 2", Duration::from_secs(120), || {
+        metric_steps(&run).len() >= 2
+    });
+    let pid = worker_pid(&run, "learner", 0);
+    signal(pid, "KILL");
+    let (ok, err) = finish(child);
+    assert!(ok, "{err}");
+    assert!(err.contains("learner died"), "{err}");
+    assert_ne!(
+        worker_pid(&run, "learner", 0),
+        pid,
+        "a new learner process took over"
+    );
+    // Every step once, in order: none lost, none applied twice.
+    assert_eq!(metric_steps(&run), vec![1, 2, 3, 4, 5, 6]);
+}
+
+#[test]
+fn a_killed_actor_leaves_its_prompts_to_the_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), "actor-dies", "[resources]\nactors = 2\n");
+    let run = tmp.path().join("run");
+    let child = rlhf(&["run", job.to_str().unwrap(), "--steps", "5", "--quiet"]);
+    wait_for("step 1", Duration::from_secs(120), || {
+        !metric_steps(&run).is_empty()
+    });
+    signal(worker_pid(&run, "actor", 1), "KILL");
+    let (ok, err) = finish(child);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("actor") && (err.contains("re-sending") || err.contains("is gone")),
+        "{err}"
+    );
+    assert_eq!(metric_steps(&run), vec![1, 2, 3, 4, 5]);
+}
+
+#[test]
+fn a_dead_reward_server_fails_the_job_with_a_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), "reward-dies", "");
+    let run = tmp.path().join("run");
+    let child = rlhf(&["run", job.to_str().unwrap(), "--steps", "50", "--quiet"]);
+    wait_for("step 1", Duration::from_secs(120), || {
+        !metric_steps(&run).is_empty()
+    });
+    signal(worker_pid(&run, "reward", 0), "KILL");
+    let (ok, err) = finish(child);
+    assert!(!ok, "the job must fail");
+    assert!(err.contains("reward server"), "{err}");
+    let record = job_record(&run);
+    assert_eq!(record["state"], "failed");
+    assert!(
+        record["history"].as_array().unwrap().last().unwrap()["reason"]
+            .as_str()
+            .unwrap()
+            .contains("reward")
+    );
+}
+
+#[test]
+fn ctrl_c_checkpoints_and_stops_then_resume_finishes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), "interrupted", "");
+    let run = tmp.path().join("run");
+    let child = rlhf(&["run", job.to_str().unwrap(), "--steps", "40", "--quiet"]);
+    wait_for("step 2", Duration::from_secs(120), || {
+        metric_steps(&run).len() >= 2
+    });
+    signal(child.id(), "INT");
+    let (ok, err) = finish(child);
+    assert!(ok, "{err}");
+    assert_eq!(job_record(&run)["state"], "cancelled");
+    let done = metric_steps(&run);
+    let last = *done.last().unwrap();
+    assert!(last < 40);
+    assert!(
+        run.join(format!("learner/checkpoints/ckpt-{last:08}"))
+            .is_dir(),
+        "checkpoint of step {last}"
+    );
+    let (ok, err) = finish(rlhf(&[
+        "run",
+        job.to_str().unwrap(),
+        "--resume",
+        "--steps",
+        &(last + 2).to_string(),
+        "--quiet",
+    ]));
+    assert!(ok, "{err}");
+    let all = metric_steps(&run);
+    assert_eq!(all, (1..=last + 2).collect::<Vec<_>>());
+}
+
+#[test]
+fn validate_lists_every_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), "ok", "");
+    let out = Command::new(bin("rlhf"))
+        .args(["validate", job.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let bad = tmp.path().join("bad.toml");
+    let text = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("steps = 3", "steps = 0")
+        .replace("transform = \"identity\"", "transform = \"cube\"")
+        .replace("[evaluation]", "[evaluation]\nfrequency = 3");
+    std::fs::write(&bad, text).unwrap();
+    let out = Command::new(bin("rlhf"))
+        .args(["validate", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("frequency"), "{err}");
+    let fixed = std::fs::read_to_string(&bad)
+        .unwrap()
+        .replace("frequency = 3", "");
+    std::fs::write(&bad, fixed).unwrap();
+    let out = Command::new(bin("rlhf"))
+        .args(["validate", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rollout.steps") && err.contains("objective[1].transform"),
+        "{err}"
+    );
+}
