@@ -167,33 +167,42 @@ fn generation_params(s: &v1::SamplingParams, seed: u64) -> Result<GenerationPara
     })
 }
 
-/// Retries `f` with exponential backoff on retryable statuses.
+/// Retries `f` with exponential backoff on retryable statuses. An unreachable or slow service
+/// (`UNAVAILABLE`, `DEADLINE_EXCEEDED`) gets 4 attempts, so a dead server fails the step
+/// quickly; an overloaded one (`RESOURCE_EXHAUSTED`, its queue is full) is backpressure, not
+/// failure, and is retried with backoff capped at 2 s for up to `OVERLOAD_PATIENCE`.
 async fn retry<T, F, Fut>(what: &str, mut f: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Status>>,
 {
+    const OVERLOAD_PATIENCE: Duration = Duration::from_secs(120);
+    let started = Instant::now();
     let mut delay = Duration::from_millis(100);
-    for attempt in 0..4 {
-        match f().await {
+    let mut failures = 0;
+    loop {
+        let status = match f().await {
             Ok(v) => return Ok(v),
-            Err(s)
-                if attempt < 3
-                    && matches!(
-                        s.code(),
-                        tonic::Code::Unavailable
-                            | tonic::Code::ResourceExhausted
-                            | tonic::Code::DeadlineExceeded
-                    ) =>
-            {
-                tracing::warn!(what, code = ?s.code(), "retrying after {delay:?}: {}", s.message());
-                tokio::time::sleep(delay).await;
-                delay *= 2;
+            Err(s) => s,
+        };
+        let retry = match status.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+                failures += 1;
+                failures < 4
             }
-            Err(s) => return Err(Status::new(s.code(), format!("{what}: {}", s.message()))),
+            tonic::Code::ResourceExhausted => started.elapsed() < OVERLOAD_PATIENCE,
+            _ => false,
+        };
+        if !retry {
+            return Err(Status::new(
+                status.code(),
+                format!("{what}: {}", status.message()),
+            ));
         }
+        tracing::warn!(what, code = ?status.code(), "retrying after {delay:?}: {}", status.message());
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     }
-    unreachable!("the last attempt returns")
 }
 
 /// Everything a prompt's completions need after generation.

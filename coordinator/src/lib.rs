@@ -5,4 +5,6 @@ pub mod controller;
 pub mod data;
 pub mod job;
 pub mod launcher;
+pub mod pipeline;
+pub mod plot;
 pub mod state;

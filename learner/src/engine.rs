@@ -326,8 +326,10 @@ impl Engine {
         let [kl_sum, tokens_all, seqs] = sums;
         let kl_token = kl_sum as f64 / (tokens_all as f64).max(1.0);
         let kl_sequence = kl_sum as f64 / (seqs as f64).max(1.0);
-        metrics.insert("kl/token".into(), kl_token);
-        metrics.insert("kl/sequence".into(), kl_sequence);
+        if self.tracks_reference() {
+            metrics.insert("kl/token".into(), kl_token);
+            metrics.insert("kl/sequence".into(), kl_sequence);
+        }
         metrics.insert("kl/beta".into(), self.kl.value());
         self.kl.update(kl_sequence, seqs as u64);
 
@@ -480,14 +482,25 @@ impl Engine {
         self.config.kl.estimator(self.kl_placement())
     }
 
+    /// Whether the reference policy is evaluated: not when β is fixed at 0 (as TRL with
+    /// `beta = 0`), which saves a forward pass per step; the step then reports no KL metrics.
+    fn tracks_reference(&self) -> bool {
+        !matches!(self.config.kl.controller, KlController::Fixed { value } if value == 0.0)
+    }
+
     /// Reference log-probs, rewards, advantages (and values and returns for PPO) of this rank's
     /// trajectories.
     fn prepare(&mut self, mine: Vec<Trajectory>) -> Result<Vec<Work>> {
         let rewards = self.combined(&mine)?;
-        let ref_logp = self.forward_rows(&self.reference, &mine, |m, pairs| {
-            Ok(m.completion_logprobs(pairs, self.config.temperature)?
-                .logprobs)
-        })?;
+        let ref_logp = if self.tracks_reference() {
+            self.forward_rows(&self.reference, &mine, |m, pairs| {
+                Ok(m.completion_logprobs(pairs, self.config.temperature)?
+                    .logprobs)
+            })?
+        } else {
+            // β = 0: every KL term is multiplied by 0; the behaviour log-probs stand in.
+            mine.iter().map(|t| t.logprobs.clone()).collect()
+        };
         let beta = self.kl.value();
         let estimator = self.kl_estimator();
         let mut work: Vec<Work> = mine

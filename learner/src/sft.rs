@@ -164,7 +164,7 @@ pub struct SftOptions {
 }
 
 /// Per-epoch SFT results.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SftEpoch {
     pub epoch: usize,
     pub train_nll: f64,

@@ -153,6 +153,7 @@ struct RawObjective {
     case_sensitive: Option<bool>,
     max_tokens: Option<usize>,
     cache_tokens: Option<usize>,
+    byte: Option<String>,
     // remote
     address: Option<String>,
     objective: Option<String>,
@@ -178,6 +179,7 @@ impl RawObjective {
         mark(self.pattern.is_some(), "pattern");
         mark(self.words.is_some(), "words");
         mark(self.mode.is_some(), "mode");
+        mark(self.byte.is_some(), "byte");
         mark(self.case_sensitive.is_some(), "case_sensitive");
         mark(self.max_tokens.is_some(), "max_tokens");
         mark(self.cache_tokens.is_some(), "cache_tokens");
@@ -424,13 +426,22 @@ fn rule_kind(raw: &RawObjective) -> Result<(&'static [&'static str], Rule), Fiel
                 },
             ))
         }
+        Some("byte_share") => match raw.byte.as_deref().map(str::as_bytes) {
+            Some([b]) => Ok((&["verifier", "byte"], Rule::ByteShare(*b))),
+            _ => Err((
+                "byte",
+                "must be exactly one byte (an ASCII character), e.g. \"a\"".into(),
+            )),
+        },
         Some(other) => Err((
             "verifier",
-            format!("`{other}` is not one of: exact_answer, regex, forbidden_words, length"),
+            format!(
+                "`{other}` is not one of: exact_answer, regex, forbidden_words, length, byte_share"
+            ),
         )),
         None => Err((
             "verifier",
-            "missing (one of: exact_answer, regex, forbidden_words, length)".into(),
+            "missing (one of: exact_answer, regex, forbidden_words, length, byte_share)".into(),
         )),
     }
 }

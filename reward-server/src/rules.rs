@@ -31,6 +31,7 @@ pub enum Rule {
         max_tokens: usize,
         cache_tokens: usize,
     },
+    ByteShare(u8),
 }
 
 impl PartialEq for Rule {
@@ -118,6 +119,7 @@ impl Rule {
                 };
                 Ok(overlong_penalty(n, *max_tokens, *cache_tokens))
             }
+            Rule::ByteShare(byte) => Ok(byte_share(input.completion, *byte)),
         }
     }
 
@@ -135,6 +137,7 @@ impl Rule {
                 max_tokens,
                 cache_tokens,
             } => format!("length max_tokens={max_tokens} cache_tokens={cache_tokens}"),
+            Rule::ByteShare(byte) => format!("byte_share {byte}"),
         }
     }
 }
@@ -158,6 +161,15 @@ pub fn answers_equal(found: &str, reference: &str) -> bool {
         (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * b.abs().max(1.0),
         _ => found.trim() == reference.trim(),
     }
+}
+
+/// Share of `text`'s bytes equal to `byte` (0 for an empty text).
+pub fn byte_share(text: &str, byte: u8) -> f32 {
+    let bytes = text.as_bytes();
+    if bytes.is_empty() {
+        return 0.0;
+    }
+    bytes.iter().filter(|b| **b == byte).count() as f32 / bytes.len() as f32
 }
 
 /// DAPO soft overlong punishment (Yu et al. 2025, eq. 13): 0 for L <= L_max - L_cache,
@@ -225,6 +237,15 @@ mod tests {
             completion_tokens: Some(10),
             metadata: meta,
         }
+    }
+
+    #[test]
+    fn byte_share_counts_one_byte() {
+        let meta = HashMap::new();
+        let rule = Rule::ByteShare(b'a');
+        assert_eq!(rule.score(&input("abca", &meta)).unwrap(), 0.5);
+        assert_eq!(rule.score(&input("", &meta)).unwrap(), 0.0);
+        assert_eq!(rule.score(&input("xyz", &meta)).unwrap(), 0.0);
     }
 
     #[test]

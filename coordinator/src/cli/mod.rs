@@ -1,5 +1,6 @@
 //! Command-line interface of `rlhf`. Each subcommand group lives in its own module.
 
+mod bench;
 mod model;
 mod reward;
 pub mod run;
@@ -43,6 +44,20 @@ pub enum Command {
     },
     /// Run one service process (what the launchers start).
     Worker(worker::WorkerArgs),
+    /// Benchmarks through the real services.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+    /// Chart a run's metrics: rewards per objective (raw and transformed), KL and β, losses,
+    /// evaluations, against the step.
+    Plot {
+        /// A job's output folder, or its `metrics.jsonl`.
+        run: std::path::PathBuf,
+        /// The chart (`.png` or `.svg`).
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
 }
 
 /// Runs a parsed command line.
@@ -52,6 +67,23 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reward { command } => reward::run(command),
         Command::Run(args) => run::run(args),
         Command::Validate { job } => {
+            let text = std::fs::read_to_string(&job)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?;
+            if crate::pipeline::is_pipeline(&text) {
+                let spec = crate::pipeline::PipelineSpec::from_toml(&text, &job).map_err(|p| {
+                    anyhow::anyhow!("{} problem(s):\n  {}", p.len(), p.join("\n  "))
+                })?;
+                println!(
+                    "{}: ok — pipeline `{}`, arms {:?} × seeds {:?}, {} RL steps, {:?}",
+                    job.display(),
+                    spec.name,
+                    spec.arms.transforms,
+                    spec.seeds(),
+                    spec.rollout.steps,
+                    spec.learner.algorithm
+                );
+                return Ok(());
+            }
             let spec = run::load_job(&job)?;
             println!(
                 "{}: ok — job `{}`, {} objective(s), {} steps, {:?}",
@@ -64,6 +96,21 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Worker(args) => worker::run(args),
+        Command::Bench { command } => bench::run(command),
+        Command::Plot { run, out } => {
+            let file = if run.is_dir() {
+                run.join("metrics.jsonl")
+            } else {
+                run
+            };
+            let panels = crate::plot::metric_panels(&crate::plot::read_metrics(&file)?);
+            if panels.is_empty() {
+                anyhow::bail!("{}: no metrics to plot", file.display());
+            }
+            crate::plot::draw(&panels, 2, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(())
+        }
         Command::Sft(opts) => {
             let report = rlhf_learner::sft::train_sft(&opts)?;
             if let Some(last) = report.last() {

@@ -61,6 +61,11 @@ fn save_record(path: &std::path::Path, record: &JobRecord) -> Result<()> {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    let text = std::fs::read_to_string(&args.job)
+        .with_context(|| format!("reading {}", args.job.display()))?;
+    if crate::pipeline::is_pipeline(&text) {
+        return crate::pipeline::run(&args, &text);
+    }
     let mut job = load_job(&args.job)?;
     if let Some(out) = &args.out {
         job.output_dir = Some(out.clone());
@@ -68,17 +73,34 @@ pub fn run(args: RunArgs) -> Result<()> {
     if let Some(steps) = args.steps {
         job.rollout.steps = steps;
     }
+    match run_job(&job, text, args.resume, args.quiet)? {
+        Outcome::Succeeded => eprintln!(
+            "job {} succeeded; metrics in {}",
+            job.name,
+            job.output_dir().join("metrics.jsonl").display()
+        ),
+        Outcome::Stopped { step } => eprintln!(
+            "stopped after step {step}; `rlhf run {} --resume` continues",
+            args.job.display()
+        ),
+    }
+    Ok(())
+}
+
+/// Runs one job to its end on this machine: local workers, the controller, the progress
+/// display, and the job's record in `job.json`. `spec` is the job file's text (kept in the
+/// record). With `resume`, continues from the latest checkpoint.
+pub fn run_job(job: &JobSpec, spec: String, resume: bool, quiet: bool) -> Result<Outcome> {
     let out = job.output_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let record_path = out.join("job.json");
-    let mut record = if args.resume && record_path.is_file() {
+    let mut record = if resume && record_path.is_file() {
         serde_json::from_str(&std::fs::read_to_string(&record_path)?).context("reading job.json")?
     } else {
-        let spec = std::fs::read_to_string(&args.job)?;
         JobRecord::new(job.name.clone(), job.name.clone(), spec, job.priority)
     };
     if record.state.is_terminal() {
-        if !args.resume {
+        if !resume {
             bail!(
                 "{} holds a finished job ({}); use another --out or --resume",
                 out.display(),
@@ -102,8 +124,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let result = runtime.block_on(drive(
         job.clone(),
         exe,
-        args.resume,
-        args.quiet,
+        resume,
+        quiet,
         &mut record,
         &record_path,
     ));
@@ -117,18 +139,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     .map_err(anyhow::Error::msg)?;
     save_record(&record_path, &record)?;
-    match result? {
-        Outcome::Succeeded => eprintln!(
-            "job {} succeeded; metrics in {}",
-            job.name,
-            out.join("metrics.jsonl").display()
-        ),
-        Outcome::Stopped { step } => eprintln!(
-            "stopped after step {step}; `rlhf run {} --resume` continues",
-            args.job.display()
-        ),
-    }
-    Ok(())
+    result
 }
 
 async fn drive(

@@ -1,0 +1,358 @@
+//! The quickstart pipeline: `rlhf run` on a file with a `[task]` table runs, in order,
+//!
+//! 1. `data`: prompts, SFT corpus and noisy preference pairs of the synthetic task;
+//! 2. `tokenizer`: a byte-level BPE tokenizer trained on that corpus;
+//! 3. `init`: a tiny Llama initialised from scratch;
+//! 4. `sft`: supervised fine-tuning on the corpus;
+//! 5. `reward_models`: one Bradley-Terry reward model per property (helpful, harmless);
+//! 6. `sft_eval`: the SFT policy judged on held-out prompts;
+//! 7. one RL job per arm (transform × seed): calibration of r_ref, GRPO or PPO, evaluations;
+//! 8. the report: `report.json`, `report.md`, `curves.png` and the arms' `metrics.jsonl`.
+//!
+//! Each finished stage leaves `stages/<stage>.json`; `--resume` skips finished stages and arms
+//! and continues an interrupted arm from its checkpoint.
+
+pub mod data;
+pub mod report;
+pub mod spec;
+pub mod task;
+pub mod tokenizer;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use rlhf_model::config::LlamaDims;
+use rlhf_model::{DType, Model, ModelConfig, SaveOptions, device};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::cli::run::{RunArgs, run_job};
+use crate::controller::Outcome;
+use crate::job::JobSpec;
+use report::{ArmReport, Report, RunResult};
+pub use spec::{Layout, PipelineSpec, is_pipeline};
+
+/// Runs `f` unless the stage's marker says it finished; the marker keeps its result and time.
+fn stage<T: Serialize + DeserializeOwned>(
+    layout: &Layout,
+    name: &str,
+    timing: &mut BTreeMap<String, f64>,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
+    let marker = layout.stage_marker(name);
+    if let Ok(text) = std::fs::read_to_string(&marker) {
+        let saved: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("reading {}", marker.display()))?;
+        timing.insert(name.into(), saved["seconds"].as_f64().unwrap_or(0.0));
+        eprintln!("[{name}] done earlier");
+        return serde_json::from_value(saved["result"].clone())
+            .with_context(|| format!("reading {}", marker.display()));
+    }
+    eprintln!("[{name}] …");
+    let started = Instant::now();
+    let result = f().with_context(|| format!("stage `{name}`"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    timing.insert(name.into(), seconds);
+    std::fs::create_dir_all(marker.parent().expect("stages/ folder"))?;
+    let saved = serde_json::json!({"seconds": seconds, "result": result});
+    std::fs::write(&marker, serde_json::to_string_pretty(&saved)?)?;
+    eprintln!("[{name}] done in {seconds:.0} s");
+    Ok(result)
+}
+
+/// Runs a pipeline file.
+pub fn run(args: &RunArgs, text: &str) -> Result<()> {
+    let mut spec = PipelineSpec::from_toml(text, &args.job).map_err(|problems| {
+        anyhow::anyhow!(
+            "{} problem(s) in {}:\n  {}",
+            problems.len(),
+            args.job.display(),
+            problems.join("\n  ")
+        )
+    })?;
+    if let Some(out) = &args.out {
+        spec.output_dir = Some(out.clone());
+    }
+    if let Some(steps) = args.steps {
+        spec.rollout.steps = steps;
+    }
+    let layout = Layout {
+        root: spec.output_dir(),
+    };
+    claim_output(&layout.root, text, args.resume)?;
+    let started = Instant::now();
+    let mut timing = BTreeMap::new();
+
+    let data = stage(&layout, "data", &mut timing, || {
+        data::generate(&spec, &layout)
+    })?;
+    eprintln!(
+        "  {} train / {} held-out prompts, {} SFT examples ({:.0}% good), {} pairs per property",
+        data.train_prompts,
+        data.eval_prompts,
+        data.sft_examples,
+        100.0 * data.sft_good_rate,
+        data.preference_pairs
+    );
+    let vocab = stage(&layout, "tokenizer", &mut timing, || {
+        let corpus = data::corpus(&layout)?;
+        let (vocab, _) = tokenizer::train_tokenizer(
+            corpus.iter().map(String::as_str),
+            spec.task.vocab_size,
+            &layout.model("tokenizer"),
+        )?;
+        Ok(vocab)
+    })?;
+    stage(&layout, "init", &mut timing, || {
+        init_model(&spec, &layout, vocab)
+    })?;
+    let sft = stage(&layout, "sft", &mut timing, || {
+        let report = rlhf_learner::sft::train_sft(&rlhf_learner::sft::SftOptions {
+            model: layout.model("init"),
+            data: layout.data("sft.jsonl"),
+            out: layout.model("sft"),
+            epochs: spec.sft.epochs,
+            lr: spec.sft.lr,
+            batch_size: spec.sft.batch_size,
+            max_length: None,
+            eval_fraction: 0.05,
+            seed: spec.seed,
+            weight_decay: 0.0,
+            skip_invalid: false,
+            dtype: None,
+            quiet: args.quiet,
+        })?;
+        Ok(report.last().cloned())
+    })?;
+    if let Some(e) = &sft {
+        eprintln!(
+            "  SFT: train NLL {:.3}, held-out NLL {:.3}",
+            e.train_nll,
+            e.eval_nll.unwrap_or(f64::NAN)
+        );
+    }
+    let reward_models = stage(&layout, "reward_models", &mut timing, || {
+        train_reward_models(&spec, &layout, args.quiet)
+    })?;
+    let requests = report::eval_requests(&layout.data("eval.jsonl"))?;
+    let sft_judged = stage(&layout, "sft_eval", &mut timing, || {
+        let completions = report::sample_policy(
+            &layout.model("sft"),
+            &requests,
+            spec.evaluation.temperature,
+            spec.rollout.max_new_tokens as usize,
+            spec.seed,
+        )?;
+        Ok(report::judge_all(&requests, &completions))
+    })?;
+    eprintln!(
+        "  SFT policy on held-out prompts: helpful {:.3}, harmless {:.3}, both good {:.3}, {:.1} words",
+        sft_judged.helpful, sft_judged.harmless, sft_judged.both_good, sft_judged.mean_length
+    );
+
+    let mut arms = BTreeMap::new();
+    let mut arm_metrics = BTreeMap::new();
+    let rl_started = Instant::now();
+    for transform in &spec.arms.transforms {
+        let mut runs = Vec::new();
+        for seed in spec.seeds() {
+            let job = spec.arm_job(&layout, transform, seed);
+            let dir = job.output_dir();
+            eprintln!("[rl {transform} seed {seed}] → {}", dir.display());
+            if let Outcome::Stopped { step } = run_arm(&job, args.quiet)? {
+                eprintln!(
+                    "stopped in arm {transform}/seed {seed} after step {step}; `rlhf run {} --resume` continues",
+                    args.job.display()
+                );
+                return Ok(());
+            }
+            let metrics = crate::plot::read_metrics(&dir.join("metrics.jsonl"))?;
+            let evaluations = report::judge_arm(&dir, &requests)?;
+            let last = evaluations
+                .last()
+                .cloned()
+                .with_context(|| format!("{}: no evaluation was written", dir.display()))?;
+            runs.push(RunResult {
+                seed,
+                judged: last.judged,
+                kl: report::final_kl(&metrics, 5),
+                rewards: last.rewards.clone(),
+                evaluations,
+            });
+            arm_metrics.insert((transform.clone(), seed), metrics);
+        }
+        arms.insert(transform.clone(), ArmReport::new(runs));
+    }
+    timing.insert("rl".into(), rl_started.elapsed().as_secs_f64());
+    timing.insert("total".into(), started.elapsed().as_secs_f64());
+    let report = Report {
+        sft: sft_judged,
+        arms,
+        data: serde_json::to_value(&data)?,
+        reward_models,
+        timing_seconds: timing,
+    };
+    write_report(&layout, &report, &arm_metrics)?;
+    println!("\n{}", report.table());
+    println!(
+        "report: {}  curves: {}",
+        layout.root.join("report.md").display(),
+        layout.root.join("curves.png").display()
+    );
+    Ok(())
+}
+
+/// Refuses to mix two pipelines' outputs in one folder.
+fn claim_output(root: &Path, text: &str, resume: bool) -> Result<()> {
+    let copy = root.join("pipeline.toml");
+    match std::fs::read_to_string(&copy) {
+        Ok(previous) if previous != text => bail!(
+            "{} was made by a different pipeline file (see {}); use another --out",
+            root.display(),
+            copy.display()
+        ),
+        Ok(_) if !resume => bail!(
+            "{} already holds this pipeline's run; `--resume` continues it, or use another --out",
+            root.display()
+        ),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            std::fs::create_dir_all(root)
+                .with_context(|| format!("creating {}", root.display()))?;
+            std::fs::write(&copy, text).with_context(|| format!("writing {}", copy.display()))
+        }
+    }
+}
+
+/// A tiny Llama from scratch, with the trained tokenizer.
+fn init_model(spec: &PipelineSpec, layout: &Layout, vocab: usize) -> Result<u64> {
+    let tokenizer = rlhf_model::Tokenizer::from_dir(&layout.model("tokenizer"))?;
+    let id = |t: &str| {
+        tokenizer
+            .token_id(t)
+            .with_context(|| format!("tokenizer lacks {t}"))
+    };
+    let m = &spec.model;
+    let config = ModelConfig::llama(LlamaDims {
+        vocab_size: vocab,
+        hidden_size: m.hidden_size,
+        intermediate_size: m.intermediate_size,
+        num_layers: m.num_layers,
+        num_heads: m.num_heads,
+        num_kv_heads: m.num_kv_heads,
+        max_position_embeddings: m.max_position_embeddings,
+        tie_word_embeddings: true,
+        bos_token_id: id(tokenizer::BOS)?,
+        eos_token_id: id(tokenizer::EOS)?,
+        pad_token_id: id(tokenizer::PAD)?,
+    });
+    let dir = layout.model("init");
+    Model::init(&config, &device::inference_device()?, spec.seed).save(
+        &dir,
+        &SaveOptions {
+            dtype: DType::F32,
+            ..Default::default()
+        },
+    )?;
+    rlhf_model::tokenizer::copy_tokenizer_files(&layout.model("tokenizer"), &dir)?;
+    Ok(config.num_parameters() as u64)
+}
+
+/// One Bradley-Terry reward model per property, on the SFT policy.
+fn train_reward_models(
+    spec: &PipelineSpec,
+    layout: &Layout,
+    quiet: bool,
+) -> Result<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    for name in spec::OBJECTIVES {
+        eprintln!("  reward model `{name}`");
+        let report = rlhf_reward::train::train(&rlhf_reward::train::TrainOptions {
+            base: layout.model("sft"),
+            data: layout.data(&format!("prefs-{name}.jsonl")),
+            out: layout.model(&format!("rm-{name}")),
+            epochs: spec.reward_models.epochs,
+            lr: spec.reward_models.lr,
+            batch_size: spec.reward_models.batch_size,
+            margin: 0.0,
+            center_coef: 0.01,
+            eval_fraction: 0.1,
+            seed: spec.seed,
+            weight_decay: 0.0,
+            max_length: None,
+            skip_invalid: false,
+            dtype: None,
+            quiet,
+        })?;
+        let accuracy = report
+            .epochs
+            .last()
+            .and_then(|e| e.eval_accuracy)
+            .unwrap_or(f64::NAN);
+        eprintln!("  `{name}`: held-out pairwise accuracy {accuracy:.3}");
+        out.insert(
+            name.into(),
+            serde_json::json!({"accuracy": accuracy, "train_pairs": report.train_pairs, "eval_pairs": report.eval_pairs}),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
+
+/// Runs (or resumes, or skips when finished) one arm's RL job.
+fn run_arm(job: &JobSpec, quiet: bool) -> Result<Outcome> {
+    let dir = job.output_dir();
+    std::fs::create_dir_all(&dir)?;
+    let record = dir.join("job.json");
+    if let Ok(text) = std::fs::read_to_string(&record)
+        && serde_json::from_str::<crate::state::JobRecord>(&text)
+            .is_ok_and(|r| r.state == crate::state::JobState::Succeeded)
+    {
+        eprintln!("  done earlier");
+        return Ok(Outcome::Succeeded);
+    }
+    // The arm's job file: what ran, and a job a user can rerun on its own.
+    let path = dir.join("job.toml");
+    let text = toml::to_string(job).context("writing the arm's job file")?;
+    std::fs::write(&path, &text)?;
+    let job = JobSpec::from_file(&path).map_err(|p| {
+        anyhow::anyhow!(
+            "{}: generated job is invalid:\n  {}",
+            path.display(),
+            p.join("\n  ")
+        )
+    })?;
+    run_job(&job, text, record.is_file(), quiet)
+}
+
+/// `report.json`, `report.md`, `curves.png`, and every arm's metrics in one `metrics.jsonl`
+/// (each line tagged with its arm and seed).
+fn write_report(
+    layout: &Layout,
+    report: &Report,
+    metrics: &BTreeMap<(String, u64), crate::plot::MetricSeries>,
+) -> Result<()> {
+    let root = &layout.root;
+    std::fs::write(
+        root.join("report.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
+    std::fs::write(root.join("report.md"), report.markdown())?;
+    let mut lines = String::new();
+    for transform in report.arms.keys() {
+        for run in &report.arms[transform].runs {
+            let path = layout.arm(transform, run.seed).join("metrics.jsonl");
+            for line in std::fs::read_to_string(&path)?.lines() {
+                let mut v: serde_json::Value = serde_json::from_str(line)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                v["arm"] = transform.as_str().into();
+                v["seed"] = run.seed.into();
+                lines.push_str(&v.to_string());
+                lines.push('\n');
+            }
+        }
+    }
+    std::fs::write(root.join("metrics.jsonl"), lines)?;
+    crate::plot::draw(&report.panels(metrics), 3, &root.join("curves.png"))
+}
