@@ -119,7 +119,7 @@ pub fn run_job(job: &JobSpec, spec: String, resume: bool, quiet: bool) -> Result
         .map_err(anyhow::Error::msg)?;
     save_record(&record_path, &record)?;
 
-    let exe = std::env::current_exe().context("locating the rlhf binary")?;
+    let exe = self_exe()?;
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(drive(
         job.clone(),
@@ -140,6 +140,17 @@ pub fn run_job(job: &JobSpec, spec: String, resume: bool, quiet: bool) -> Result
     .map_err(anyhow::Error::msg)?;
     save_record(&record_path, &record)?;
     result
+}
+
+/// This binary, for starting workers. On Linux `/proc/self/exe` names the running image even
+/// after the file was replaced (a rebuild during a long run), so workers started late in a
+/// pipeline run the same code as the controller.
+fn self_exe() -> Result<PathBuf> {
+    let proc = PathBuf::from("/proc/self/exe");
+    if proc.exists() {
+        return Ok(proc);
+    }
+    std::env::current_exe().context("locating the rlhf binary")
 }
 
 async fn drive(

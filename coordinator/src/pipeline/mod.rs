@@ -82,7 +82,6 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
         root: spec.output_dir(),
     };
     claim_output(&layout.root, text, args.resume)?;
-    let started = Instant::now();
     let mut timing = BTreeMap::new();
 
     let data = stage(&layout, "data", &mut timing, || {
@@ -154,14 +153,17 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
 
     let mut arms = BTreeMap::new();
     let mut arm_metrics = BTreeMap::new();
-    let rl_started = Instant::now();
+    let mut rl_seconds = 0.0;
     for transform in &spec.arms.transforms {
         let mut runs = Vec::new();
         for seed in spec.seeds() {
             let job = spec.arm_job(&layout, transform, seed);
             let dir = job.output_dir();
             eprintln!("[rl {transform} seed {seed}] → {}", dir.display());
-            if let Outcome::Stopped { step } = run_arm(&job, args.quiet)? {
+            let arm_started = Instant::now();
+            let outcome = run_arm(&job, args.quiet)?;
+            rl_seconds += arm_seconds(&dir, arm_started.elapsed().as_secs_f64())?;
+            if let Outcome::Stopped { step } = outcome {
                 eprintln!(
                     "stopped in arm {transform}/seed {seed} after step {step}; `rlhf run {} --resume` continues",
                     args.job.display()
@@ -185,8 +187,9 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
         }
         arms.insert(transform.clone(), ArmReport::new(runs));
     }
-    timing.insert("rl".into(), rl_started.elapsed().as_secs_f64());
-    timing.insert("total".into(), started.elapsed().as_secs_f64());
+    timing.insert("rl".into(), rl_seconds);
+    let total = timing.values().sum::<f64>();
+    timing.insert("total".into(), total);
     let report = Report {
         sft: sft_judged,
         arms,
@@ -202,6 +205,18 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
         layout.root.join("curves.png").display()
     );
     Ok(())
+}
+
+/// Adds `seconds` to the arm's recorded wall time (`pipeline_seconds.json`, so a resumed
+/// pipeline still reports the whole time) and returns the total.
+fn arm_seconds(dir: &Path, seconds: f64) -> Result<f64> {
+    let path = dir.join("pipeline_seconds.json");
+    let before = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|t| t.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    std::fs::write(&path, format!("{}\n", before + seconds))?;
+    Ok(before + seconds)
 }
 
 /// Refuses to mix two pipelines' outputs in one folder.
