@@ -8,3 +8,4 @@ pub mod launcher;
 pub mod pipeline;
 pub mod plot;
 pub mod state;
+pub mod store;

@@ -1,0 +1,266 @@
+//! The single-machine store: a map in memory, persisted to a JSON file after every change of a
+//! lease-less key (written to a temporary file, fsynced, renamed, so a crash leaves the old or
+//! the new file, never a torn one). Leases expire on a 50 ms reaper tick.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::sync::mpsc;
+
+use super::{LeaseId, StateStore, WatchEvent};
+
+struct Entry {
+    value: String,
+    lease: Option<LeaseId>,
+}
+
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+}
+
+#[derive(Default)]
+struct Inner {
+    data: BTreeMap<String, Entry>,
+    leases: HashMap<LeaseId, Lease>,
+    next_lease: LeaseId,
+    watchers: Vec<(String, mpsc::UnboundedSender<WatchEvent>)>,
+}
+
+impl Inner {
+    fn notify(&mut self, event: WatchEvent) {
+        self.watchers.retain(|(prefix, tx)| {
+            !event.key().starts_with(prefix.as_str()) || tx.send(event.clone()).is_ok()
+        });
+    }
+
+    fn remove(&mut self, key: &str) -> bool {
+        let existed = self.data.remove(key).is_some();
+        if existed {
+            self.notify(WatchEvent::Delete { key: key.into() });
+        }
+        existed
+    }
+
+    fn drop_lease(&mut self, lease: LeaseId) {
+        self.leases.remove(&lease);
+        let keys: Vec<String> = self
+            .data
+            .iter()
+            .filter(|(_, e)| e.lease == Some(lease))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            self.remove(&k);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        let expired: Vec<LeaseId> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.drop_lease(id);
+        }
+    }
+
+    fn check_lease(&self, lease: Option<LeaseId>) -> Result<()> {
+        match lease {
+            Some(id) if !self.leases.contains_key(&id) => {
+                bail!("lease {id} not found (expired or revoked)")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The embedded store. Cloning shares it.
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Mutex<Inner>>,
+    path: Option<PathBuf>,
+}
+
+impl EmbeddedStore {
+    /// A store persisted to `path` (read back when it exists), or in memory only. Must be called
+    /// inside a tokio runtime (the lease reaper is a task).
+    pub fn open(path: Option<&Path>) -> Result<EmbeddedStore> {
+        let mut inner = Inner {
+            next_lease: 1,
+            ..Default::default()
+        };
+        if let Some(p) = path
+            && p.is_file()
+        {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            let map: BTreeMap<String, String> = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a state file", p.display()))?;
+            inner.data = map
+                .into_iter()
+                .map(|(k, value)| (k, Entry { value, lease: None }))
+                .collect();
+        }
+        let store = EmbeddedStore {
+            inner: Arc::new(Mutex::new(inner)),
+            path: path.map(Path::to_path_buf),
+        };
+        let weak: Weak<Mutex<Inner>> = Arc::downgrade(&store.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                inner.lock().expect("not poisoned").expire(Instant::now());
+            }
+        });
+        Ok(store)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
+        let mut inner = self
+            .inner
+            .lock()
+            .map_err(|_| anyhow!("store lock poisoned"))?;
+        inner.expire(Instant::now());
+        f(&mut inner)
+    }
+
+    /// Writes the lease-less keys to the state file.
+    fn persist(&self, inner: &Inner) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let map: BTreeMap<&String, &String> = inner
+            .data
+            .iter()
+            .filter(|(_, e)| e.lease.is_none())
+            .map(|(k, e)| (k, &e.value))
+            .collect();
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
+            f.write_all(serde_json::to_string(&map)?.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    }
+
+    fn write(
+        &self,
+        key: &str,
+        value: &str,
+        lease: Option<LeaseId>,
+        only_new: bool,
+    ) -> Result<bool> {
+        self.with(|inner| {
+            inner.check_lease(lease)?;
+            if only_new && inner.data.contains_key(key) {
+                return Ok(false);
+            }
+            let was_persistent = inner.data.get(key).is_some_and(|e| e.lease.is_none());
+            inner.data.insert(
+                key.into(),
+                Entry {
+                    value: value.into(),
+                    lease,
+                },
+            );
+            inner.notify(WatchEvent::Put {
+                key: key.into(),
+                value: value.into(),
+            });
+            if lease.is_none() || was_persistent {
+                self.persist(inner)?;
+            }
+            Ok(true)
+        })
+    }
+}
+
+impl StateStore for EmbeddedStore {
+    async fn put(&self, key: &str, value: &str, lease: Option<LeaseId>) -> Result<()> {
+        self.write(key, value, lease, false).map(|_| ())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<String>> {
+        self.with(|inner| Ok(inner.data.get(key).map(|e| e.value.clone())))
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool> {
+        self.with(|inner| {
+            let persistent = inner.data.get(key).is_some_and(|e| e.lease.is_none());
+            let existed = inner.remove(key);
+            if persistent {
+                self.persist(inner)?;
+            }
+            Ok(existed)
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        self.with(|inner| {
+            Ok(inner
+                .data
+                .range(prefix.to_string()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .map(|(k, e)| (k.clone(), e.value.clone()))
+                .collect())
+        })
+    }
+
+    async fn create(&self, key: &str, value: &str, lease: Option<LeaseId>) -> Result<bool> {
+        self.write(key, value, lease, true)
+    }
+
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        self.with(|inner| {
+            let id = inner.next_lease;
+            inner.next_lease += 1;
+            inner.leases.insert(
+                id,
+                Lease {
+                    ttl,
+                    deadline: Instant::now() + ttl,
+                },
+            );
+            Ok(id)
+        })
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        self.with(|inner| match inner.leases.get_mut(&lease) {
+            Some(l) => {
+                l.deadline = Instant::now() + l.ttl;
+                Ok(())
+            }
+            None => bail!("lease {lease} not found (expired or revoked)"),
+        })
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        self.with(|inner| {
+            inner.drop_lease(lease);
+            Ok(())
+        })
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<mpsc::UnboundedReceiver<WatchEvent>> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.with(|inner| {
+            inner.watchers.push((prefix.to_string(), tx));
+            Ok(rx)
+        })
+    }
+}

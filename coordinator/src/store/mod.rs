@@ -1,0 +1,106 @@
+//! The control plane's state store: one trait, two implementations.
+//!
+//! - [`embedded::EmbeddedStore`]: one machine; kept in memory and persisted to a file (temp
+//!   file, fsync, rename) so a restarted coordinator finds its jobs. Keys attached to a lease are
+//!   liveness, not state: they are not persisted and vanish when the lease expires.
+//! - [`etcd::EtcdStore`]: several machines; etcd through `etcd-client`, keys under a prefix,
+//!   leases for worker liveness, watches, and the election of the active coordinator.
+//!
+//! Values are UTF-8 text (the control plane stores JSON). Keys given to a store are relative to
+//! its prefix; keys it returns are too. The election ([`campaign`]) is written once on top of
+//! the trait (create-if-absent with a lease, then wait for the holder's key to go), so both
+//! stores share it and the shared test suite covers it.
+
+pub mod embedded;
+pub mod etcd;
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::Result;
+use tokio::sync::mpsc;
+
+/// A lease: keys attached to it are deleted when it is revoked or not kept alive within its TTL.
+pub type LeaseId = i64;
+
+/// A change under a watched prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchEvent {
+    Put { key: String, value: String },
+    Delete { key: String },
+}
+
+impl WatchEvent {
+    pub fn key(&self) -> &str {
+        match self {
+            WatchEvent::Put { key, .. } | WatchEvent::Delete { key } => key,
+        }
+    }
+}
+
+/// What the control plane needs of its store.
+pub trait StateStore: Send + Sync {
+    /// Writes `key`, attached to `lease` when given.
+    fn put(
+        &self,
+        key: &str,
+        value: &str,
+        lease: Option<LeaseId>,
+    ) -> impl Future<Output = Result<()>> + Send;
+    fn get(&self, key: &str) -> impl Future<Output = Result<Option<String>>> + Send;
+    /// Whether the key existed.
+    fn delete(&self, key: &str) -> impl Future<Output = Result<bool>> + Send;
+    /// Every key under `prefix`, in key order.
+    fn list(&self, prefix: &str) -> impl Future<Output = Result<Vec<(String, String)>>> + Send;
+    /// Writes `key` only if it does not exist; whether it did the write (atomic).
+    fn create(
+        &self,
+        key: &str,
+        value: &str,
+        lease: Option<LeaseId>,
+    ) -> impl Future<Output = Result<bool>> + Send;
+    fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId>> + Send;
+    /// Renews a lease for another TTL; an error when it has already expired.
+    fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<()>> + Send;
+    fn revoke(&self, lease: LeaseId) -> impl Future<Output = Result<()>> + Send;
+    /// Changes under `prefix` from now on, until the receiver is dropped.
+    fn watch(
+        &self,
+        prefix: &str,
+    ) -> impl Future<Output = Result<mpsc::UnboundedReceiver<WatchEvent>>> + Send;
+}
+
+fn election_key(election: &str) -> String {
+    format!("elections/{election}")
+}
+
+/// Blocks until `candidate` holds `election`: its key is created with `lease`, so the
+/// candidate keeps it while it keeps the lease alive, and loses it when it dies. Standbys wait
+/// here and the first to create the key after the holder's goes takes over.
+pub async fn campaign<S: StateStore>(
+    store: &S,
+    election: &str,
+    candidate: &str,
+    lease: LeaseId,
+) -> Result<()> {
+    let key = election_key(election);
+    loop {
+        // Watch before trying, so a release between the two is not missed.
+        let mut events = store.watch(&key).await?;
+        if store.create(&key, candidate, Some(lease)).await? {
+            return Ok(());
+        }
+        loop {
+            match events.recv().await {
+                Some(WatchEvent::Delete { key: k }) if k == key => break,
+                Some(_) => {}
+                None => anyhow::bail!("the store closed the watch on {key}"),
+            }
+        }
+    }
+}
+
+/// The current holder of `election`, if any.
+pub async fn leader<S: StateStore>(store: &S, election: &str) -> Result<Option<String>> {
+    store.get(&election_key(election)).await
+}

@@ -1,0 +1,249 @@
+//! One test suite for both state stores: the embedded one (in memory and persisted to a file)
+//! and etcd (a real `etcd` from Debian's `etcd-server`, started on free loopback ports with a
+//! temporary data directory).
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rlhf_coordinator::store::embedded::EmbeddedStore;
+use rlhf_coordinator::store::etcd::EtcdStore;
+use rlhf_coordinator::store::{StateStore, WatchEvent, campaign, leader};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+async fn next(events: &mut UnboundedReceiver<WatchEvent>, within: Duration) -> WatchEvent {
+    tokio::time::timeout(within, events.recv())
+        .await
+        .expect("a watch event in time")
+        .expect("the watch is open")
+}
+
+/// Everything the control plane relies on, against any store. `ttl` is the lease TTL to test
+/// expiry with (etcd's minimum is about 2 s).
+async fn suite<S: StateStore + Clone + 'static>(store: S, ttl: Duration) {
+    // Keys, values, prefixes.
+    assert_eq!(store.get("jobs/a").await.unwrap(), None);
+    store.put("jobs/a", "1", None).await.unwrap();
+    store.put("jobs/b", "2", None).await.unwrap();
+    store.put("workers/x", "w", None).await.unwrap();
+    assert_eq!(store.get("jobs/a").await.unwrap().as_deref(), Some("1"));
+    assert_eq!(
+        store.list("jobs/").await.unwrap(),
+        vec![("jobs/a".into(), "1".into()), ("jobs/b".into(), "2".into())]
+    );
+    assert!(store.delete("jobs/b").await.unwrap());
+    assert!(!store.delete("jobs/b").await.unwrap());
+
+    // Create is atomic create-if-absent.
+    assert!(store.create("ids/next", "7", None).await.unwrap());
+    assert!(!store.create("ids/next", "8", None).await.unwrap());
+    assert_eq!(store.get("ids/next").await.unwrap().as_deref(), Some("7"));
+
+    // Watches see puts and deletes under their prefix only.
+    let mut events = store.watch("jobs/").await.unwrap();
+    store.put("workers/y", "ignored", None).await.unwrap();
+    store.put("jobs/c", "3", None).await.unwrap();
+    store.delete("jobs/c").await.unwrap();
+    let second = Duration::from_secs(5);
+    assert_eq!(
+        next(&mut events, second).await,
+        WatchEvent::Put {
+            key: "jobs/c".into(),
+            value: "3".into()
+        }
+    );
+    assert_eq!(
+        next(&mut events, second).await,
+        WatchEvent::Delete {
+            key: "jobs/c".into()
+        }
+    );
+
+    // A leased key lives while the lease is kept alive and goes (with a delete event) after.
+    let mut workers = store.watch("workers/").await.unwrap();
+    let lease = store.grant_lease(ttl).await.unwrap();
+    store
+        .put("workers/live", "actor", Some(lease))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next(&mut workers, second).await,
+        WatchEvent::Put { .. }
+    ));
+    let until = Instant::now() + ttl * 2;
+    while Instant::now() < until {
+        store.keep_alive(lease).await.unwrap();
+        tokio::time::sleep(ttl / 4).await;
+    }
+    assert_eq!(
+        store.get("workers/live").await.unwrap().as_deref(),
+        Some("actor")
+    );
+    let gone = next(&mut workers, ttl * 4).await;
+    assert_eq!(
+        gone,
+        WatchEvent::Delete {
+            key: "workers/live".into()
+        }
+    );
+    assert_eq!(store.get("workers/live").await.unwrap(), None);
+    assert!(
+        store.keep_alive(lease).await.is_err(),
+        "an expired lease cannot be renewed"
+    );
+    assert!(store.put("workers/late", "x", Some(lease)).await.is_err());
+
+    // Election: one holder; a standby takes over when the holder's lease is revoked.
+    let first = store.grant_lease(ttl * 10).await.unwrap();
+    campaign(&store, "coordinator", "c1", first).await.unwrap();
+    assert_eq!(
+        leader(&store, "coordinator").await.unwrap().as_deref(),
+        Some("c1")
+    );
+    let standby_lease = store.grant_lease(ttl * 10).await.unwrap();
+    let standby = {
+        let store = store.clone();
+        tokio::spawn(async move { campaign(&store, "coordinator", "c2", standby_lease).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!standby.is_finished(), "the standby waits while c1 holds");
+    store.revoke(first).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), standby)
+        .await
+        .expect("the standby takes over")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        leader(&store, "coordinator").await.unwrap().as_deref(),
+        Some("c2")
+    );
+}
+
+#[tokio::test]
+async fn embedded_store_in_memory() {
+    suite(
+        EmbeddedStore::open(None).unwrap(),
+        Duration::from_millis(400),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn embedded_store_persists_state_but_not_liveness() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state/store.json");
+    {
+        let store = EmbeddedStore::open(Some(&file)).unwrap();
+        suite(store.clone(), Duration::from_millis(400)).await;
+        let lease = store.grant_lease(Duration::from_secs(60)).await.unwrap();
+        store.put("workers/z", "alive", Some(lease)).await.unwrap();
+    }
+    // A restarted coordinator finds its state; leased keys were liveness and are gone.
+    let reopened = EmbeddedStore::open(Some(&file)).unwrap();
+    assert_eq!(reopened.get("jobs/a").await.unwrap().as_deref(), Some("1"));
+    assert_eq!(
+        reopened.get("ids/next").await.unwrap().as_deref(),
+        Some("7")
+    );
+    assert_eq!(reopened.get("workers/z").await.unwrap(), None);
+    assert_eq!(reopened.get("elections/coordinator").await.unwrap(), None);
+    std::fs::write(&file, "{ torn").unwrap();
+    let err = EmbeddedStore::open(Some(&file))
+        .err()
+        .expect("a corrupt file is an error");
+    assert!(format!("{err:#}").contains("store.json"), "{err:#}");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real etcd on free loopback ports; killed on drop.
+struct Etcd {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path())
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("`etcd` on PATH (Debian: apt-get install etcd-server; .ci/run does)");
+        Etcd {
+            child,
+            endpoint: format!("127.0.0.1:{client}"),
+            _dir: dir,
+        }
+    }
+
+    async fn store(&self, prefix: &str) -> EtcdStore {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let attempt =
+                EtcdStore::connect(&[self.endpoint.clone()], prefix, Duration::from_secs(2)).await;
+            if let Ok(store) = attempt
+                && store.get("ping").await.is_ok()
+            {
+                return store;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd did not come up at {}",
+                self.endpoint
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn etcd_store() {
+    let etcd = Etcd::start();
+    let store = etcd.store("/rlhf-test/").await;
+    suite(store, Duration::from_secs(2)).await;
+    // Keys live under the prefix: another prefix sees nothing of them.
+    let other = etcd.store("/other/").await;
+    assert_eq!(other.list("").await.unwrap(), vec![]);
+}
+
+#[tokio::test]
+async fn etcd_unreachable_is_a_timely_error() {
+    let port = free_port();
+    let started = Instant::now();
+    let result = EtcdStore::connect(
+        &[format!("127.0.0.1:{port}")],
+        "/x/",
+        Duration::from_secs(1),
+    )
+    .await;
+    match result {
+        Err(e) => assert!(format!("{e:#}").contains("etcd"), "{e:#}"),
+        Ok(store) => assert!(store.get("k").await.is_err()),
+    }
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
