@@ -197,8 +197,12 @@ impl Etcd {
     async fn store(&self, prefix: &str) -> EtcdStore {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let attempt =
-                EtcdStore::connect(&[self.endpoint.clone()], prefix, Duration::from_secs(2)).await;
+            let attempt = EtcdStore::connect(
+                std::slice::from_ref(&self.endpoint),
+                prefix,
+                Duration::from_secs(2),
+            )
+            .await;
             if let Ok(store) = attempt
                 && store.get("ping").await.is_ok()
             {
