@@ -7,5 +7,6 @@ pub mod job;
 pub mod launcher;
 pub mod pipeline;
 pub mod plot;
+pub mod service;
 pub mod state;
 pub mod store;

@@ -2,13 +2,12 @@
 //! and etcd (a real `etcd` from Debian's `etcd-server`, started on free loopback ports with a
 //! temporary data directory).
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rlhf_coordinator::store::embedded::EmbeddedStore;
 use rlhf_coordinator::store::etcd::EtcdStore;
 use rlhf_coordinator::store::{StateStore, WatchEvent, campaign, leader};
+use rlhf_tests::{Etcd, free_port};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 async fn next(events: &mut UnboundedReceiver<WatchEvent>, within: Duration) -> WatchEvent {
@@ -154,84 +153,37 @@ async fn embedded_store_persists_state_but_not_liveness() {
     assert!(format!("{err:#}").contains("store.json"), "{err:#}");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A real etcd on free loopback ports; killed on drop.
-struct Etcd {
-    child: Child,
-    endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    fn start() -> Etcd {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, peer) = (free_port(), free_port());
-        let client_url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args(["--name", "test", "--data-dir"])
-            .arg(dir.path())
-            .args(["--listen-client-urls", &client_url])
-            .args(["--advertise-client-urls", &client_url])
-            .args(["--listen-peer-urls", &peer_url])
-            .args(["--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("test={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("`etcd` on PATH (Debian: apt-get install etcd-server; .ci/run does)");
-        Etcd {
-            child,
-            endpoint: format!("127.0.0.1:{client}"),
-            _dir: dir,
+/// Connects once etcd answers.
+async fn connect(etcd: &Etcd, prefix: &str) -> EtcdStore {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let attempt = EtcdStore::connect(
+            std::slice::from_ref(&etcd.endpoint),
+            prefix,
+            Duration::from_secs(2),
+        )
+        .await;
+        if let Ok(store) = attempt
+            && store.get("ping").await.is_ok()
+        {
+            return store;
         }
-    }
-
-    async fn store(&self, prefix: &str) -> EtcdStore {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let attempt = EtcdStore::connect(
-                std::slice::from_ref(&self.endpoint),
-                prefix,
-                Duration::from_secs(2),
-            )
-            .await;
-            if let Ok(store) = attempt
-                && store.get("ping").await.is_ok()
-            {
-                return store;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "etcd did not come up at {}",
-                self.endpoint
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(
+            Instant::now() < deadline,
+            "etcd did not come up at {}",
+            etcd.endpoint
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 #[tokio::test]
 async fn etcd_store() {
     let etcd = Etcd::start();
-    let store = etcd.store("/rlhf-test/").await;
+    let store = connect(&etcd, "/rlhf-test/").await;
     suite(store, Duration::from_secs(2)).await;
     // Keys live under the prefix: another prefix sees nothing of them.
-    let other = etcd.store("/other/").await;
+    let other = connect(&etcd, "/other/").await;
     assert_eq!(other.list("").await.unwrap(), vec![]);
 }
 

@@ -144,3 +144,54 @@ pub fn signal(pid: u32, sig: &str) {
         .unwrap();
     assert!(status.success(), "kill -{sig} {pid}");
 }
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real etcd (Debian's `etcd-server`) on free loopback ports with a temporary data directory;
+/// killed on drop.
+pub struct Etcd {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT` of its client endpoint.
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "test", "--data-dir"])
+            .arg(dir.path())
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("test={peer_url}")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("`etcd` on PATH (Debian: apt-get install etcd-server; .ci/run does)");
+        Etcd {
+            child,
+            endpoint: format!("127.0.0.1:{client}"),
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

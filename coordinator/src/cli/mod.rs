@@ -1,6 +1,7 @@
 //! Command-line interface of `rlhf`. Each subcommand group lives in its own module.
 
 mod bench;
+mod cluster;
 mod model;
 mod reward;
 pub mod run;
@@ -44,6 +45,43 @@ pub enum Command {
     },
     /// Run one service process (what the launchers start).
     Worker(worker::WorkerArgs),
+    /// A long-running coordinator: the job API, the state store, and (once elected) the
+    /// scheduler that runs submitted jobs.
+    Coordinator(cluster::CoordinatorArgs),
+    /// Submit a job file to a coordinator; prints the job id.
+    Submit {
+        job: std::path::PathBuf,
+        #[command(flatten)]
+        target: cluster::Target,
+    },
+    /// A coordinator's jobs, newest first.
+    Jobs {
+        #[command(flatten)]
+        target: cluster::Target,
+    },
+    /// One job: state, step, history, last rewards and KL.
+    Status {
+        job: String,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: cluster::Target,
+    },
+    /// A job's history and log locations; `-f` follows its events until it ends.
+    Logs {
+        job: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        target: cluster::Target,
+    },
+    /// Cancel a job (a running one checkpoints and stops; its workers exit).
+    Cancel {
+        job: String,
+        #[command(flatten)]
+        target: cluster::Target,
+    },
     /// Benchmarks through the real services.
     Bench {
         #[command(subcommand)]
@@ -97,6 +135,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Worker(args) => worker::run(args),
         Command::Bench { command } => bench::run(command),
+        Command::Coordinator(args) => cluster::coordinator(args),
+        Command::Submit { job, target } => cluster::submit(target, job),
+        Command::Jobs { target } => cluster::jobs(target),
+        Command::Status { job, json, target } => cluster::status(target, job, json),
+        Command::Logs {
+            job,
+            follow,
+            target,
+        } => cluster::logs(target, job, follow),
+        Command::Cancel { job, target } => cluster::cancel(target, job),
         Command::Plot { run, out } => {
             let file = if run.is_dir() {
                 run.join("metrics.jsonl")

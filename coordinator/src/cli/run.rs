@@ -87,10 +87,31 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// How a caller other than the terminal drives a job run.
+#[derive(Default)]
+pub struct RunHooks {
+    /// Stops the job (checkpoint, then `Outcome::Stopped`) when it turns true; without it,
+    /// Ctrl-C does.
+    pub stop: Option<watch::Receiver<bool>>,
+    /// Receives every controller event.
+    pub events: Option<mpsc::UnboundedSender<Event>>,
+}
+
 /// Runs one job to its end on this machine: local workers, the controller, the progress
 /// display, and the job's record in `job.json`. `spec` is the job file's text (kept in the
 /// record). With `resume`, continues from the latest checkpoint.
 pub fn run_job(job: &JobSpec, spec: String, resume: bool, quiet: bool) -> Result<Outcome> {
+    run_job_with(job, spec, resume, quiet, RunHooks::default())
+}
+
+/// [`run_job`] with a stop signal and an event feed (the coordinator's jobs).
+pub fn run_job_with(
+    job: &JobSpec,
+    spec: String,
+    resume: bool,
+    quiet: bool,
+    hooks: RunHooks,
+) -> Result<Outcome> {
     let out = job.output_dir();
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let record_path = out.join("job.json");
@@ -126,6 +147,7 @@ pub fn run_job(job: &JobSpec, spec: String, resume: bool, quiet: bool) -> Result
         exe,
         resume,
         quiet,
+        hooks,
         &mut record,
         &record_path,
     ));
@@ -158,6 +180,7 @@ async fn drive(
     exe: PathBuf,
     resume: bool,
     quiet: bool,
+    hooks: RunHooks,
     record: &mut JobRecord,
     record_path: &std::path::Path,
 ) -> Result<Outcome> {
@@ -168,15 +191,21 @@ async fn drive(
     let endpoints = cluster.endpoints();
     let cluster = Arc::new(Mutex::new(cluster));
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("\nstopping after the current step (Ctrl-C again to kill)…");
-            let _ = stop_tx.send(true);
-            let _ = tokio::signal::ctrl_c().await;
-            std::process::exit(130);
+    let stop_rx = match hooks.stop {
+        Some(stop) => stop,
+        None => {
+            let (stop_tx, stop_rx) = watch::channel(false);
+            tokio::spawn(async move {
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    eprintln!("\nstopping after the current step (Ctrl-C again to kill)…");
+                    let _ = stop_tx.send(true);
+                    let _ = tokio::signal::ctrl_c().await;
+                    std::process::exit(130);
+                }
+            });
+            stop_rx
         }
-    });
+    };
     let mut controller = Controller::new(
         job.clone(),
         endpoints,
@@ -187,6 +216,9 @@ async fn drive(
     let run = tokio::spawn(async move { controller.run().await });
     let display = Display::new(job.rollout.steps, quiet, job.objective_names());
     while let Some(e) = events.recv().await {
+        if let Some(feed) = &hooks.events {
+            let _ = feed.send(e.clone());
+        }
         match e {
             Event::State { state, reason } => {
                 if record.state != state {

@@ -104,3 +104,84 @@ pub async fn campaign<S: StateStore>(
 pub async fn leader<S: StateStore>(store: &S, election: &str) -> Result<Option<String>> {
     store.get(&election_key(election)).await
 }
+
+/// A store chosen at run time (`--store embedded:PATH | etcd://HOST:PORT[,HOST:PORT]`).
+#[derive(Clone)]
+pub enum AnyStore {
+    Embedded(embedded::EmbeddedStore),
+    Etcd(Box<etcd::EtcdStore>),
+}
+
+impl AnyStore {
+    /// Opens a store from its URL; etcd keys go under `/rlhf/`.
+    pub async fn open(url: &str) -> Result<AnyStore> {
+        if let Some(path) = url.strip_prefix("embedded:") {
+            let path = (!path.is_empty()).then(|| std::path::Path::new(path));
+            return Ok(AnyStore::Embedded(embedded::EmbeddedStore::open(path)?));
+        }
+        if let Some(hosts) = url.strip_prefix("etcd://") {
+            let endpoints: Vec<String> = hosts.split(',').map(str::to_string).collect();
+            // etcd may still be starting (a cluster coming up together): retry for 30 s.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let attempt = async {
+                    let store =
+                        etcd::EtcdStore::connect(&endpoints, "/rlhf/", Duration::from_secs(5))
+                            .await?;
+                    store.get("coordinator-probe").await?;
+                    Ok::<_, anyhow::Error>(store)
+                }
+                .await;
+                match attempt {
+                    Ok(store) => return Ok(AnyStore::Etcd(Box::new(store))),
+                    Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                    Err(e) => {
+                        tracing::warn!("etcd not ready yet: {e:#}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+        anyhow::bail!("--store {url}: expected embedded:PATH or etcd://HOST:PORT[,HOST:PORT]")
+    }
+}
+
+/// Forwards each call to the chosen store.
+macro_rules! delegate {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            AnyStore::Embedded($s) => $call.await,
+            AnyStore::Etcd($s) => $call.await,
+        }
+    };
+}
+
+impl StateStore for AnyStore {
+    async fn put(&self, key: &str, value: &str, lease: Option<LeaseId>) -> Result<()> {
+        delegate!(self, s => s.put(key, value, lease))
+    }
+    async fn get(&self, key: &str) -> Result<Option<String>> {
+        delegate!(self, s => s.get(key))
+    }
+    async fn delete(&self, key: &str) -> Result<bool> {
+        delegate!(self, s => s.delete(key))
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
+        delegate!(self, s => s.list(prefix))
+    }
+    async fn create(&self, key: &str, value: &str, lease: Option<LeaseId>) -> Result<bool> {
+        delegate!(self, s => s.create(key, value, lease))
+    }
+    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
+        delegate!(self, s => s.grant_lease(ttl))
+    }
+    async fn keep_alive(&self, lease: LeaseId) -> Result<()> {
+        delegate!(self, s => s.keep_alive(lease))
+    }
+    async fn revoke(&self, lease: LeaseId) -> Result<()> {
+        delegate!(self, s => s.revoke(lease))
+    }
+    async fn watch(&self, prefix: &str) -> Result<mpsc::UnboundedReceiver<WatchEvent>> {
+        delegate!(self, s => s.watch(prefix))
+    }
+}

@@ -1,0 +1,276 @@
+//! `rlhf coordinator` and the commands that talk to one: `submit`, `jobs`, `status`, `logs`,
+//! `cancel` (address from `--coordinator` or `RLHF_COORDINATOR`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use rlhf_proto::client::{Timeouts, channel};
+use rlhf_proto::v1;
+use rlhf_proto::v1::job_service_client::JobServiceClient;
+use tonic::transport::Channel;
+
+use crate::service::{Coordinator, default_state_dir, serve};
+use crate::store::AnyStore;
+
+#[derive(Debug, Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve the job API on (port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:50070")]
+    pub listen: String,
+    /// `embedded:PATH` (one machine; state persisted to PATH) or `etcd://HOST:PORT[,HOST:PORT]`.
+    #[arg(long)]
+    pub store: String,
+    /// Where jobs without an `output_dir` write (`<state-dir>/runs/<id>`).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Jobs run at once on this machine.
+    #[arg(long, default_value_t = 1)]
+    pub slots: usize,
+    /// This coordinator's name in the election (default: host and pid).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Where the coordinator is.
+#[derive(Debug, Args)]
+pub struct Target {
+    /// The coordinator's address.
+    #[arg(
+        long,
+        env = "RLHF_COORDINATOR",
+        default_value = "http://127.0.0.1:50070"
+    )]
+    pub coordinator: String,
+}
+
+impl Target {
+    fn client(&self) -> Result<JobServiceClient<Channel>> {
+        let ch = channel(
+            &self.coordinator,
+            Timeouts {
+                connect: Duration::from_secs(5),
+                request: Duration::from_secs(30),
+            },
+        )
+        .with_context(|| format!("coordinator address {}", self.coordinator))?;
+        Ok(JobServiceClient::new(ch))
+    }
+}
+
+fn status_error(e: tonic::Status, coordinator: &str) -> anyhow::Error {
+    match e.code() {
+        tonic::Code::Unavailable => {
+            anyhow::anyhow!("coordinator {coordinator} is unreachable: {}", e.message())
+        }
+        _ => anyhow::anyhow!("{}", e.message()),
+    }
+}
+
+pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        let store = AnyStore::open(&args.store).await?;
+        let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
+        let name = args.name.unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
+                std::process::id()
+            )
+        });
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        println!(
+            "{}{}",
+            rlhf_proto::process::READY_PREFIX,
+            listener.local_addr()?
+        );
+        let c = Coordinator::new(store, state_dir, args.slots);
+        serve(c, name, listener).await
+    })
+}
+
+fn block<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::runtime::Runtime::new()?.block_on(f)
+}
+
+pub fn submit(target: Target, job: PathBuf) -> Result<()> {
+    let text =
+        std::fs::read_to_string(&job).with_context(|| format!("reading {}", job.display()))?;
+    let base = std::path::absolute(job.parent().unwrap_or(std::path::Path::new(".")))?;
+    block(async {
+        let info = target
+            .client()?
+            .submit(v1::SubmitJobRequest {
+                spec_toml: text,
+                base_dir: base.display().to_string(),
+            })
+            .await
+            .map_err(|e| status_error(e, &target.coordinator))?
+            .into_inner();
+        println!("{}", info.id);
+        eprintln!(
+            "submitted {} ({}); output in {}",
+            info.id, info.state, info.output_dir
+        );
+        Ok(())
+    })
+}
+
+fn when(unix: f64) -> String {
+    let ago = crate::state::now() - unix;
+    match ago {
+        a if a < 120.0 => format!("{a:.0}s ago"),
+        a if a < 7200.0 => format!("{:.0}m ago", a / 60.0),
+        a => format!("{:.1}h ago", a / 3600.0),
+    }
+}
+
+pub fn jobs(target: Target) -> Result<()> {
+    block(async {
+        let list = target
+            .client()?
+            .list(v1::ListJobsRequest {})
+            .await
+            .map_err(|e| status_error(e, &target.coordinator))?
+            .into_inner();
+        println!(
+            "{:<28} {:<12} {:>9} {:>8}  submitted",
+            "JOB", "STATE", "STEP", "PRIORITY"
+        );
+        for j in list.jobs {
+            let submitted = j.history.first().map_or(String::new(), |h| when(h.at_unix));
+            println!(
+                "{:<28} {:<12} {:>9} {:>8}  {submitted}",
+                j.id,
+                j.state,
+                format!("{}/{}", j.last_step, j.total_steps),
+                j.priority
+            );
+        }
+        Ok(())
+    })
+}
+
+fn print_history(info: &v1::JobInfo) {
+    for h in &info.history {
+        println!("  {:<12} {:>10}  {}", h.state, when(h.at_unix), h.reason);
+    }
+}
+
+pub fn status(target: Target, id: String, json: bool) -> Result<()> {
+    block(async {
+        let info = target
+            .client()?
+            .get(v1::GetJobRequest { id })
+            .await
+            .map_err(|e| status_error(e, &target.coordinator))?
+            .into_inner();
+        if json {
+            let history: Vec<_> = info
+                .history
+                .iter()
+                .map(|h| serde_json::json!({"state": h.state, "at": h.at_unix, "reason": h.reason}))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "id": info.id, "name": info.name, "state": info.state,
+                    "priority": info.priority, "last_step": info.last_step,
+                    "total_steps": info.total_steps, "output_dir": info.output_dir,
+                    "history": history, "metrics": info.metrics,
+                })
+            );
+            return Ok(());
+        }
+        println!("job {} ({}): {}", info.id, info.name, info.state);
+        println!(
+            "step {}/{}, priority {}, output {}",
+            info.last_step, info.total_steps, info.priority, info.output_dir
+        );
+        print_history(&info);
+        let mut metrics: Vec<_> = info
+            .metrics
+            .iter()
+            .filter(|(k, _)| k.starts_with("reward/") || k.starts_with("kl/"))
+            .collect();
+        metrics.sort_by(|a, b| a.0.cmp(b.0));
+        for (k, v) in metrics {
+            println!("  {k} = {v:.4}");
+        }
+        Ok(())
+    })
+}
+
+pub fn cancel(target: Target, id: String) -> Result<()> {
+    block(async {
+        let info = target
+            .client()?
+            .cancel(v1::CancelJobRequest { id })
+            .await
+            .map_err(|e| status_error(e, &target.coordinator))?
+            .into_inner();
+        if info.state == "cancelled" {
+            eprintln!("{} cancelled", info.id);
+        } else {
+            eprintln!(
+                "{}: stopping after its current step (checkpointed)",
+                info.id
+            );
+        }
+        Ok(())
+    })
+}
+
+/// The job's history and where its worker logs are; `follow` streams its events until it ends.
+pub fn logs(target: Target, id: String, follow: bool) -> Result<()> {
+    block(async {
+        let mut client = target.client()?;
+        let info = client
+            .get(v1::GetJobRequest { id: id.clone() })
+            .await
+            .map_err(|e| status_error(e, &target.coordinator))?
+            .into_inner();
+        println!(
+            "job {}: worker logs in {}/logs/, metrics in {}/metrics.jsonl",
+            info.id, info.output_dir, info.output_dir
+        );
+        print_history(&info);
+        if !follow
+            || info.state == "succeeded"
+            || info.state == "failed"
+            || info.state == "cancelled"
+        {
+            return Ok(());
+        }
+        let mut events = client
+            .watch(v1::WatchJobRequest { id })
+            .await
+            .map_err(|e| status_error(e, &target.coordinator))?
+            .into_inner();
+        while let Some(event) = events
+            .message()
+            .await
+            .map_err(|e| status_error(e, &target.coordinator))?
+        {
+            match event.event {
+                Some(v1::job_event::Event::State(s)) => println!("  {:<12} {}", s.state, s.reason),
+                Some(v1::job_event::Event::Step(s)) => {
+                    let total = s.metrics.get("reward/total").copied().unwrap_or(f64::NAN);
+                    let kl = s.metrics.get("kl/sequence").copied().unwrap_or(f64::NAN);
+                    println!(
+                        "  step {}/{}  reward {total:.4}  kl {kl:.4}",
+                        s.step, s.total
+                    );
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    })
+}

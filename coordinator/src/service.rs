@@ -1,0 +1,502 @@
+//! `rlhf coordinator`: a long-running control plane. Jobs are submitted over gRPC
+//! (`JobService`), kept in the state store (`jobs/<id>`, JSON), and run by the *active*
+//! coordinator: the one holding the `coordinator` election (trivially the only one with the
+//! embedded store; with etcd, standbys wait and the first to win after the active one dies takes
+//! over).
+//!
+//! Scheduling: up to `slots` jobs run at once on this machine, each as a gang (all of its
+//! workers started together by the local launcher, or none); queued jobs start by priority
+//! (higher first), then submission order. A job found placing/calibrating/running that no live
+//! coordinator runs (the previous active one died) is resumed from its last checkpoint first.
+//! Cancel: a queued job is cancelled at once; a running one checkpoints, stops, and its workers
+//! exit, freeing the slot. Any coordinator answers reads and accepts submissions and cancels
+//! (a cancel of a running job is a flag in the store that the active coordinator acts on).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rlhf_proto::v1;
+use rlhf_proto::v1::job_service_server::{JobService, JobServiceServer};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::cli::run::{RunHooks, run_job_with};
+use crate::controller::{Event, Outcome};
+use crate::job::JobSpec;
+use crate::state::{JobRecord, JobState, now};
+use crate::store::{AnyStore, StateStore, campaign};
+
+const JOBS: &str = "jobs/";
+
+/// A job as the store keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredJob {
+    pub record: JobRecord,
+    /// Where the job's relative paths resolve.
+    pub base_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub total_steps: u64,
+    pub submitted: f64,
+    /// The last step's metrics.
+    #[serde(default)]
+    pub metrics: BTreeMap<String, f64>,
+    /// Set by `Cancel` on a running job; the active coordinator stops it.
+    #[serde(default)]
+    pub cancel_requested: bool,
+}
+
+impl StoredJob {
+    fn info(&self) -> v1::JobInfo {
+        let r = &self.record;
+        v1::JobInfo {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            state: r.state.as_str().into(),
+            priority: r.priority,
+            last_step: r.last_step,
+            total_steps: self.total_steps,
+            output_dir: self.output_dir.display().to_string(),
+            history: r
+                .history
+                .iter()
+                .map(|t| v1::StateChange {
+                    state: t.state.as_str().into(),
+                    at_unix: t.at,
+                    reason: t.reason.clone(),
+                })
+                .collect(),
+            metrics: self.metrics.clone().into_iter().collect(),
+        }
+    }
+
+    /// The validated spec, with this job's output folder.
+    fn spec(&self) -> Result<JobSpec> {
+        let mut spec = JobSpec::from_toml(&self.record.spec_toml, &self.base_dir.join("job.toml"))
+            .map_err(|p| anyhow::anyhow!("{}", p.join("\n")))?;
+        spec.output_dir = Some(self.output_dir.clone());
+        Ok(spec)
+    }
+}
+
+/// The coordinator's shared state.
+pub struct Coordinator {
+    store: AnyStore,
+    state_dir: PathBuf,
+    slots: usize,
+    /// Jobs this process runs: their stop switches.
+    running: Mutex<HashMap<String, watch::Sender<bool>>>,
+    wake: Notify,
+}
+
+fn internal(e: anyhow::Error) -> Status {
+    Status::internal(format!("{e:#}"))
+}
+
+impl Coordinator {
+    pub fn new(store: AnyStore, state_dir: PathBuf, slots: usize) -> Arc<Coordinator> {
+        Arc::new(Coordinator {
+            store,
+            state_dir,
+            slots: slots.max(1),
+            running: Mutex::new(HashMap::new()),
+            wake: Notify::new(),
+        })
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<StoredJob>> {
+        match self.store.get(&format!("{JOBS}{id}")).await? {
+            Some(text) => Ok(Some(
+                serde_json::from_str(&text).with_context(|| format!("job {id}: corrupt record"))?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    async fn save(&self, job: &StoredJob) -> Result<()> {
+        let text = serde_json::to_string(job)?;
+        self.store
+            .put(&format!("{JOBS}{}", job.record.id), &text, None)
+            .await
+    }
+
+    async fn all(&self) -> Result<Vec<StoredJob>> {
+        self.store
+            .list(JOBS)
+            .await?
+            .into_iter()
+            .map(|(k, v)| serde_json::from_str(&v).with_context(|| format!("{k}: corrupt record")))
+            .collect()
+    }
+
+    /// Reads, changes and writes a job's record.
+    async fn update(&self, id: &str, f: impl FnOnce(&mut StoredJob)) -> Result<StoredJob> {
+        let mut job = self
+            .load(id)
+            .await?
+            .with_context(|| format!("job {id} vanished"))?;
+        f(&mut job);
+        self.save(&job).await?;
+        Ok(job)
+    }
+
+    /// Holds the election, then schedules for as long as the process lives.
+    pub async fn lead(self: Arc<Self>, name: String) -> Result<()> {
+        let ttl = Duration::from_secs(3);
+        let lease = self.store.grant_lease(ttl).await?;
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ttl / 3).await;
+                if let Err(e) = store.keep_alive(lease).await {
+                    // Someone else may hold the election now: running on would double-run jobs.
+                    eprintln!("coordinator lost its lease ({e:#}); exiting");
+                    std::process::exit(3);
+                }
+            }
+        });
+        campaign(&self.store, "coordinator", &name, lease).await?;
+        tracing::info!(name, "active coordinator");
+        eprintln!("coordinator {name} is active");
+        loop {
+            if let Err(e) = self.schedule().await {
+                tracing::warn!("scheduling: {e:#}");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    /// One scheduling pass: forward cancels, resume orphans, start queued jobs into free slots.
+    async fn schedule(self: &Arc<Self>) -> Result<()> {
+        let jobs = self.all().await?;
+        let mut running = self.running.lock().await;
+        for job in &jobs {
+            if job.cancel_requested
+                && let Some(stop) = running.get(&job.record.id)
+            {
+                let _ = stop.send(true);
+            }
+        }
+        let (mut orphans, mut queued): (Vec<&StoredJob>, Vec<&StoredJob>) = jobs
+            .iter()
+            .filter(|j| !j.record.state.is_terminal() && !running.contains_key(&j.record.id))
+            .partition(|j| j.record.state != JobState::Queued);
+        let order = |a: &&StoredJob, b: &&StoredJob| {
+            b.record
+                .priority
+                .cmp(&a.record.priority)
+                .then(a.submitted.total_cmp(&b.submitted))
+        };
+        orphans.sort_by(order);
+        queued.sort_by(order);
+        for job in orphans.into_iter().chain(queued) {
+            if running.len() >= self.slots {
+                break;
+            }
+            let (stop_tx, stop_rx) = watch::channel(job.cancel_requested);
+            running.insert(job.record.id.clone(), stop_tx);
+            let resume = job.record.state != JobState::Queued;
+            let me = self.clone();
+            let id = job.record.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = me.run(&id, resume, stop_rx).await {
+                    tracing::warn!(id, "job bookkeeping failed: {e:#}");
+                }
+                me.running.lock().await.remove(&id);
+                me.wake.notify_one();
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs one job on local workers, mirroring its progress into the store.
+    async fn run(&self, id: &str, resume: bool, stop: watch::Receiver<bool>) -> Result<()> {
+        let reason = if resume {
+            "resuming from the last checkpoint (the coordinator that ran it is gone)"
+        } else {
+            "starting local workers"
+        };
+        let job = self
+            .update(id, |j| {
+                let _ = j.record.transition(JobState::Placing, reason);
+            })
+            .await?;
+        let spec = match job.spec() {
+            Ok(spec) => spec,
+            Err(e) => {
+                self.finish(id, Err(e)).await?;
+                return Ok(());
+            }
+        };
+        let resume = resume || job.output_dir.join("job.json").is_file();
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let text = job.record.spec_toml.clone();
+        // run_job drives its own runtime: it runs on a thread of its own.
+        std::thread::spawn(move || {
+            let hooks = RunHooks {
+                stop: Some(stop),
+                events: Some(events_tx),
+            };
+            let _ = done_tx.send(run_job_with(&spec, text, resume, true, hooks));
+        });
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::State { state, reason } => {
+                    self.update(id, |j| {
+                        if j.record.state != state {
+                            let _ = j.record.transition(state, reason);
+                        }
+                    })
+                    .await?;
+                }
+                Event::Step { step, metrics, .. } => {
+                    self.update(id, |j| {
+                        j.record.last_step = step;
+                        j.metrics = metrics;
+                    })
+                    .await?;
+                }
+                Event::Log(_) => {}
+            }
+        }
+        let outcome = done_rx
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the job's thread ended without a result")));
+        self.finish(id, outcome).await
+    }
+
+    async fn finish(&self, id: &str, outcome: Result<Outcome>) -> Result<()> {
+        self.update(id, |j| {
+            let (state, reason) = match &outcome {
+                Ok(Outcome::Succeeded) => (JobState::Succeeded, "all steps done".to_string()),
+                Ok(Outcome::Stopped { step }) => (
+                    JobState::Cancelled,
+                    format!("cancelled after step {step} (checkpointed)"),
+                ),
+                Err(e) => (JobState::Failed, format!("{e:#}")),
+            };
+            if j.record.transition(state, reason.clone()).is_err() {
+                // e.g. succeeded straight from placing when there was nothing to do.
+                j.record.state = state;
+                j.record.history.push(crate::state::Transition {
+                    state,
+                    at: now(),
+                    reason,
+                });
+            }
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// The gRPC face of a [`Coordinator`].
+pub struct JobApi(pub Arc<Coordinator>);
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit(
+        &self,
+        request: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let r = request.into_inner();
+        let base = PathBuf::from(&r.base_dir);
+        let spec =
+            JobSpec::from_toml(&r.spec_toml, &base.join("job.toml")).map_err(|problems| {
+                Status::invalid_argument(format!(
+                    "{} problem(s):\n{}",
+                    problems.len(),
+                    problems.join("\n")
+                ))
+            })?;
+        let c = &self.0;
+        for n in 1..=100_000u32 {
+            let id = format!("{}-{n}", spec.name);
+            let output_dir = spec
+                .output_dir
+                .clone()
+                .unwrap_or_else(|| c.state_dir.join("runs").join(&id));
+            let job = StoredJob {
+                record: JobRecord::new(
+                    id.clone(),
+                    spec.name.clone(),
+                    r.spec_toml.clone(),
+                    spec.priority,
+                ),
+                base_dir: base.clone(),
+                output_dir,
+                total_steps: spec.rollout.steps,
+                submitted: now(),
+                metrics: BTreeMap::new(),
+                cancel_requested: false,
+            };
+            let text = serde_json::to_string(&job).map_err(|e| internal(e.into()))?;
+            if c.store
+                .create(&format!("{JOBS}{id}"), &text, None)
+                .await
+                .map_err(internal)?
+            {
+                c.wake.notify_one();
+                return Ok(Response::new(job.info()));
+            }
+        }
+        Err(Status::resource_exhausted("no free job id"))
+    }
+
+    async fn get(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let id = request.into_inner().id;
+        match self.0.load(&id).await.map_err(internal)? {
+            Some(job) => Ok(Response::new(job.info())),
+            None => Err(Status::not_found(format!("no job `{id}`"))),
+        }
+    }
+
+    async fn list(
+        &self,
+        _: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsReply>, Status> {
+        let mut jobs = self.0.all().await.map_err(internal)?;
+        jobs.sort_by(|a, b| b.submitted.total_cmp(&a.submitted));
+        Ok(Response::new(v1::ListJobsReply {
+            jobs: jobs.iter().map(StoredJob::info).collect(),
+        }))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let id = request.into_inner().id;
+        let c = &self.0;
+        let job = c
+            .load(&id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no job `{id}`")))?;
+        if job.record.state.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "job `{id}` already {}",
+                job.record.state.as_str()
+            )));
+        }
+        let job = c
+            .update(&id, |j| {
+                if j.record.state == JobState::Queued {
+                    let _ = j
+                        .record
+                        .transition(JobState::Cancelled, "cancelled before it started");
+                } else {
+                    j.cancel_requested = true;
+                }
+            })
+            .await
+            .map_err(internal)?;
+        c.wake.notify_one();
+        Ok(Response::new(job.info()))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.into_inner().id;
+        let c = self.0.clone();
+        let first = c
+            .load(&id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no job `{id}`")))?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let (mut seen_history, mut seen_step) =
+                (first.record.history.len(), first.record.last_step);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let job = match c.load(&id).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                let info = job.info();
+                if job.record.last_step > seen_step {
+                    seen_step = job.record.last_step;
+                    let step = v1::StepMetrics {
+                        step: seen_step,
+                        total: job.total_steps,
+                        metrics: info.metrics.clone(),
+                    };
+                    let event = v1::job_event::Event::Step(step);
+                    if tx
+                        .send(Ok(v1::JobEvent { event: Some(event) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                for change in info.history.into_iter().skip(seen_history) {
+                    seen_history += 1;
+                    let event = v1::job_event::Event::State(change);
+                    if tx
+                        .send(Ok(v1::JobEvent { event: Some(event) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                if job.record.state.is_terminal() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
+
+/// Serves the job API on `listener` and, once elected, runs jobs.
+pub async fn serve(
+    coordinator: Arc<Coordinator>,
+    name: String,
+    listener: tokio::net::TcpListener,
+) -> Result<()> {
+    let server = JobServiceServer::new(JobApi(coordinator.clone()));
+    let service = <JobServiceServer<JobApi> as tonic::server::NamedService>::NAME;
+    let host = rlhf_proto::service::ServiceHost::new(
+        tonic::service::Routes::new(server),
+        vec![service],
+        prometheus::Registry::new(),
+    );
+    let leader = tokio::spawn(coordinator.lead(name));
+    tokio::select! {
+        served = host.serve(listener, rlhf_proto::service::shutdown_signal()) => served?,
+        led = leader => led.map_err(|e| anyhow::anyhow!("scheduler task: {e}"))??,
+    }
+    Ok(())
+}
+
+/// Where a coordinator keeps state by default.
+pub fn default_state_dir() -> PathBuf {
+    Path::new("runs").join("coordinator")
+}

@@ -1,0 +1,231 @@
+//! `rlhf coordinator` end to end: real coordinator, worker and etcd processes on loopback, jobs
+//! submitted and followed through the CLI. A shared pool run by priority, cancel, a restarted
+//! coordinator resuming its jobs (embedded store), and a standby taking over (etcd store).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use rlhf_proto::process::ServiceProcess;
+use rlhf_tests::{Etcd, bin, metric_steps, tiny_job, wait_for};
+
+fn coordinator(store: &str, state_dir: &Path, slots: usize, name: &str) -> ServiceProcess {
+    let mut cmd = Command::new(bin("rlhf"));
+    cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--store", store])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--slots", &slots.to_string(), "--name", name])
+        .stderr(Stdio::null());
+    ServiceProcess::spawn(cmd, Duration::from_secs(60)).expect("the coordinator starts")
+}
+
+fn cli(url: &str, args: &[&str]) -> Output {
+    let out = Command::new(bin("rlhf"))
+        .args(args)
+        .env("RLHF_COORDINATOR", url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rlhf {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A tiny job in its own folder; `steps` and `priority` set.
+fn job(root: &Path, name: &str, steps: u64, priority: i32) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = tiny_job(&dir, name, "");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = format!(
+        "priority = {priority}\n{}",
+        text.replace("steps = 3", &format!("steps = {steps}"))
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn submit(url: &str, job: &Path) -> String {
+    let out = cli(url, &["submit", job.to_str().unwrap()]);
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn status(url: &str, id: &str) -> serde_json::Value {
+    let out = cli(url, &["status", id, "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// When the job first entered `state` (unix seconds).
+fn entered(info: &serde_json::Value, state: &str) -> f64 {
+    info["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["state"] == state)
+        .and_then(|h| h["at"].as_f64())
+        .unwrap_or_else(|| panic!("never {state}: {info}"))
+}
+
+fn wait_state(url: &str, id: &str, state: &str, within: Duration) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_for(&format!("{id} to be {state}"), within, || {
+        last = status(url, id);
+        assert!(
+            !(last["state"] == "failed" && state != "failed"),
+            "{id} failed: {last}"
+        );
+        last["state"] == state
+    });
+    last
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}
+
+#[test]
+fn jobs_share_the_pool_by_priority_and_cancel_frees_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}", dir.path().join("state/store.json").display());
+    let c = coordinator(&store, &dir.path().join("state"), 1, "c1");
+    let url = c.url();
+
+    let long = submit(&url, &job(dir.path(), "long", 200, 0));
+    wait_for(
+        "the long job's first step",
+        Duration::from_secs(120),
+        || status(&url, &long)["last_step"].as_u64().unwrap_or(0) >= 1,
+    );
+    // The slot is taken: these wait, and the higher priority goes first.
+    let low = submit(&url, &job(dir.path(), "low", 2, 0));
+    let high = submit(&url, &job(dir.path(), "high", 2, 5));
+    assert_eq!(status(&url, &low)["state"], "queued");
+    assert_eq!(status(&url, &high)["state"], "queued");
+
+    let long_dir = PathBuf::from(status(&url, &long)["output_dir"].as_str().unwrap());
+    let workers: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(long_dir.join("workers/endpoints.json")).unwrap(),
+    )
+    .unwrap();
+    let pids: Vec<u32> = workers
+        .iter()
+        .map(|w| w["pid"].as_u64().unwrap() as u32)
+        .collect();
+    assert!(!pids.is_empty() && pids.iter().all(|p| alive(*p)));
+    cli(&url, &["cancel", &long]);
+    let cancelled = wait_state(&url, &long, "cancelled", Duration::from_secs(120));
+    assert!(cancelled["last_step"].as_u64().unwrap() < 200);
+    wait_for(
+        "the cancelled job's workers to exit",
+        Duration::from_secs(30),
+        || pids.iter().all(|p| !alive(*p)),
+    );
+
+    let high_done = wait_state(&url, &high, "succeeded", Duration::from_secs(240));
+    let low_done = wait_state(&url, &low, "succeeded", Duration::from_secs(240));
+    assert!(
+        entered(&high_done, "placing") < entered(&low_done, "placing"),
+        "priority 5 starts before priority 0"
+    );
+    assert!(
+        entered(&low_done, "placing") >= entered(&high_done, "succeeded"),
+        "one slot: the second job waits for the first"
+    );
+    let listed = String::from_utf8(cli(&url, &["jobs"]).stdout).unwrap();
+    for id in [&long, &low, &high] {
+        assert!(listed.contains(id.as_str()), "{listed}");
+    }
+    // A finished job cannot be cancelled; an unknown one is named.
+    let again = Command::new(bin("rlhf"))
+        .args(["cancel", &high, "--coordinator", &url])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already succeeded"));
+    let unknown = Command::new(bin("rlhf"))
+        .args(["status", "nope-1", "--coordinator", &url])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no job `nope-1`"));
+}
+
+#[test]
+fn invalid_jobs_are_refused_with_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}", dir.path().join("store.json").display());
+    let c = coordinator(&store, dir.path(), 1, "c1");
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"bad name\"\n[policy]\nmodel = \"nowhere\"\n[data]\nprompts = \"none.jsonl\"\n[[objective]]\nname = \"a\"\n").unwrap();
+    let out = Command::new(bin("rlhf"))
+        .args(["submit", bad.to_str().unwrap(), "--coordinator", &c.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for field in ["name:", "policy.model", "data.prompts"] {
+        assert!(err.contains(field), "{err}");
+    }
+}
+
+/// Kills the coordinator running `id` mid-run, starts `next`, and checks the job finishes with
+/// every step applied once.
+fn survives_coordinator_death(
+    url: &str,
+    id: &str,
+    mut first: ServiceProcess,
+    next: impl FnOnce() -> ServiceProcess,
+) {
+    wait_for("two steps", Duration::from_secs(120), || {
+        status(url, id)["last_step"].as_u64().unwrap_or(0) >= 2
+    });
+    let out = PathBuf::from(status(url, id)["output_dir"].as_str().unwrap());
+    first.kill();
+    let second = next();
+    let done = wait_state(&second.url(), id, "succeeded", Duration::from_secs(240));
+    assert!(
+        done["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["reason"]
+                .as_str()
+                .unwrap()
+                .contains("resuming from the last checkpoint")),
+        "{done}"
+    );
+    assert_eq!(
+        metric_steps(&out),
+        (1..=8).collect::<Vec<u64>>(),
+        "each step once"
+    );
+}
+
+#[test]
+fn a_restarted_coordinator_resumes_its_jobs_from_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}", dir.path().join("state/store.json").display());
+    let state = dir.path().join("state");
+    let first = coordinator(&store, &state, 1, "c1");
+    let url = first.url();
+    let id = submit(&url, &job(dir.path(), "restart", 8, 0));
+    survives_coordinator_death(&url, &id, first, || {
+        coordinator(&store, &state, 1, "c1-again")
+    });
+}
+
+#[test]
+fn a_standby_coordinator_takes_over_from_the_active_one_with_etcd() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("etcd://{}", etcd.endpoint);
+    let state = dir.path().join("state");
+    let active = coordinator(&store, &state, 1, "active");
+    let standby = coordinator(&store, &state, 1, "standby");
+    // Submitted to the standby: any coordinator accepts jobs; the active one runs them.
+    let id = submit(&standby.url(), &job(dir.path(), "takeover", 8, 0));
+    let url = standby.url();
+    survives_coordinator_death(&url, &id, active, move || standby);
+}
