@@ -118,44 +118,71 @@ impl Coordinator {
         }
     }
 
-    async fn save(&self, job: &StoredJob) -> Result<()> {
-        let text = serde_json::to_string(job)?;
-        self.store
-            .put(&format!("{JOBS}{}", job.record.id), &text, None)
-            .await
-    }
-
+    /// Every job; a record that does not parse is reported and skipped.
     async fn all(&self) -> Result<Vec<StoredJob>> {
-        self.store
+        Ok(self
+            .store
             .list(JOBS)
             .await?
             .into_iter()
-            .map(|(k, v)| serde_json::from_str(&v).with_context(|| format!("{k}: corrupt record")))
-            .collect()
+            .filter_map(|(k, v)| match serde_json::from_str(&v) {
+                Ok(job) => Some(job),
+                Err(e) => {
+                    tracing::warn!(key = k, "skipping a corrupt job record: {e}");
+                    None
+                }
+            })
+            .collect())
     }
 
-    /// Reads, changes and writes a job's record.
-    async fn update(&self, id: &str, f: impl FnOnce(&mut StoredJob)) -> Result<StoredJob> {
-        let mut job = self
-            .load(id)
-            .await?
-            .with_context(|| format!("job {id} vanished"))?;
-        f(&mut job);
-        self.save(&job).await?;
-        Ok(job)
+    /// Reads, changes and writes a job's record with compare-and-set, so concurrent writers
+    /// (a cancel from a standby, this job's progress) never lose each other's changes.
+    async fn update(&self, id: &str, mut f: impl FnMut(&mut StoredJob)) -> Result<StoredJob> {
+        let key = format!("{JOBS}{id}");
+        for _ in 0..50 {
+            let text = self
+                .store
+                .get(&key)
+                .await?
+                .with_context(|| format!("job {id} vanished"))?;
+            let mut job: StoredJob =
+                serde_json::from_str(&text).with_context(|| format!("job {id}: corrupt record"))?;
+            f(&mut job);
+            if self
+                .store
+                .replace(&key, &text, &serde_json::to_string(&job)?)
+                .await?
+            {
+                return Ok(job);
+            }
+        }
+        anyhow::bail!("job {id}: too many concurrent updates")
     }
 
     /// Holds the election, then schedules for as long as the process lives.
     pub async fn lead(self: Arc<Self>, name: String) -> Result<()> {
-        let ttl = Duration::from_secs(3);
-        let lease = self.store.grant_lease(ttl).await?;
+        // The store expires the lease LEASE_TTL after the last renewal; this process gives up
+        // earlier (FENCE after its last successful renewal), so a standby never runs jobs while
+        // a cut-off active coordinator still does.
+        const LEASE_TTL: Duration = Duration::from_secs(6);
+        const FENCE: Duration = Duration::from_secs(4);
+        let lease = self.store.grant_lease(LEASE_TTL).await?;
         let store = self.store.clone();
         tokio::spawn(async move {
+            let mut last_ok = std::time::Instant::now();
             loop {
-                tokio::time::sleep(ttl / 3).await;
-                if let Err(e) = store.keep_alive(lease).await {
-                    // Someone else may hold the election now: running on would double-run jobs.
-                    eprintln!("coordinator lost its lease ({e:#}); exiting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let renewed =
+                    tokio::time::timeout(Duration::from_millis(1500), store.keep_alive(lease))
+                        .await;
+                match renewed {
+                    Ok(Ok(())) => last_ok = std::time::Instant::now(),
+                    Ok(Err(e)) => tracing::warn!("lease renewal failed: {e:#}"),
+                    Err(_) => tracing::warn!("lease renewal timed out"),
+                }
+                if last_ok.elapsed() >= FENCE {
+                    // Someone else may hold the election soon: running on could double-run jobs.
+                    eprintln!("coordinator could not renew its lease for {FENCE:?}; exiting");
                     std::process::exit(3);
                 }
             }
@@ -229,6 +256,10 @@ impl Coordinator {
                 let _ = j.record.transition(JobState::Placing, reason);
             })
             .await?;
+        if job.record.state != JobState::Placing {
+            // Cancelled between the scheduling pass and now.
+            return Ok(());
+        }
         let spec = match job.spec() {
             Ok(spec) => spec,
             Err(e) => {
@@ -236,7 +267,6 @@ impl Coordinator {
                 return Ok(());
             }
         };
-        let resume = resume || job.output_dir.join("job.json").is_file();
         let (events_tx, mut events) = mpsc::unbounded_channel();
         let (done_tx, done_rx) = oneshot::channel();
         let text = job.record.spec_toml.clone();
@@ -248,24 +278,29 @@ impl Coordinator {
             };
             let _ = done_tx.send(run_job_with(&spec, text, resume, true, hooks));
         });
+        // Store errors are logged, never returned: the job's thread and workers run on until
+        // it ends, and the slot must stay taken until then.
         while let Some(event) = events.recv().await {
-            match event {
+            let updated = match event {
                 Event::State { state, reason } => {
                     self.update(id, |j| {
                         if j.record.state != state {
-                            let _ = j.record.transition(state, reason);
+                            let _ = j.record.transition(state, reason.clone());
                         }
                     })
-                    .await?;
+                    .await
                 }
                 Event::Step { step, metrics, .. } => {
                     self.update(id, |j| {
                         j.record.last_step = step;
-                        j.metrics = metrics;
+                        j.metrics = metrics.clone();
                     })
-                    .await?;
+                    .await
                 }
-                Event::Log(_) => {}
+                Event::Log(_) => continue,
+            };
+            if let Err(e) = updated {
+                tracing::warn!(id, "recording progress: {e:#}");
             }
         }
         let outcome = done_rx
@@ -275,27 +310,39 @@ impl Coordinator {
     }
 
     async fn finish(&self, id: &str, outcome: Result<Outcome>) -> Result<()> {
-        self.update(id, |j| {
-            let (state, reason) = match &outcome {
-                Ok(Outcome::Succeeded) => (JobState::Succeeded, "all steps done".to_string()),
-                Ok(Outcome::Stopped { step }) => (
-                    JobState::Cancelled,
-                    format!("cancelled after step {step} (checkpointed)"),
-                ),
-                Err(e) => (JobState::Failed, format!("{e:#}")),
-            };
-            if j.record.transition(state, reason.clone()).is_err() {
-                // e.g. succeeded straight from placing when there was nothing to do.
-                j.record.state = state;
-                j.record.history.push(crate::state::Transition {
-                    state,
-                    at: now(),
-                    reason,
-                });
+        let (state, reason) = match &outcome {
+            Ok(Outcome::Succeeded) => (JobState::Succeeded, "all steps done".to_string()),
+            Ok(Outcome::Stopped { step }) => (
+                JobState::Cancelled,
+                format!("cancelled after step {step} (checkpointed)"),
+            ),
+            Err(e) => (JobState::Failed, format!("{e:#}")),
+        };
+        let mut last = None;
+        for attempt in 0..5 {
+            let result = self
+                .update(id, |j| {
+                    if j.record.state.is_terminal() {
+                        return;
+                    }
+                    if j.record.transition(state, reason.clone()).is_err() {
+                        // e.g. succeeded straight from placing when there was nothing to do.
+                        j.record.state = state;
+                        j.record.history.push(crate::state::Transition {
+                            state,
+                            at: now(),
+                            reason: reason.clone(),
+                        });
+                    }
+                })
+                .await;
+            match result {
+                Ok(_) => return Ok(()),
+                Err(e) => last = Some(e),
             }
-        })
-        .await?;
-        Ok(())
+            tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
+        }
+        Err(last.expect("at least one attempt"))
     }
 }
 
@@ -321,6 +368,20 @@ impl JobService for JobApi {
                 ))
             })?;
         let c = &self.0;
+        if let Some(dir) = &spec.output_dir {
+            let live = c.all().await.map_err(internal)?;
+            if let Some(other) = live
+                .iter()
+                .find(|j| !j.record.state.is_terminal() && &j.output_dir == dir)
+            {
+                return Err(Status::failed_precondition(format!(
+                    "output_dir {} is in use by job `{}` ({})",
+                    dir.display(),
+                    other.record.id,
+                    other.record.state.as_str()
+                )));
+            }
+        }
         for n in 1..=100_000u32 {
             let id = format!("{}-{n}", spec.name);
             let output_dir = spec
@@ -417,15 +478,14 @@ impl JobService for JobApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let id = request.into_inner().id;
         let c = self.0.clone();
-        let first = c
-            .load(&id)
+        // The whole history is sent first, so a client sees every change without a gap.
+        c.load(&id)
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("no job `{id}`")))?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            let (mut seen_history, mut seen_step) =
-                (first.record.history.len(), first.record.last_step);
+            let (mut seen_history, mut seen_step) = (0, 0);
             loop {
                 tokio::time::sleep(Duration::from_millis(250)).await;
                 let job = match c.load(&id).await {

@@ -43,7 +43,7 @@ impl JobState {
         }
         match next {
             Queued => false,
-            Placing => matches!(self, Queued | Running | Calibrating),
+            Placing => matches!(self, Queued | Placing | Running | Calibrating),
             Calibrating => matches!(self, Placing | Running),
             Running => matches!(self, Placing | Calibrating | Running),
             Succeeded => matches!(self, Running),

@@ -38,6 +38,12 @@ async fn suite<S: StateStore + Clone + 'static>(store: S, ttl: Duration) {
     assert!(!store.create("ids/next", "8", None).await.unwrap());
     assert_eq!(store.get("ids/next").await.unwrap().as_deref(), Some("7"));
 
+    // Replace is atomic compare-and-set on the value.
+    assert!(store.replace("ids/next", "7", "9").await.unwrap());
+    assert!(!store.replace("ids/next", "7", "10").await.unwrap());
+    assert!(!store.replace("ids/none", "", "1").await.unwrap());
+    assert_eq!(store.get("ids/next").await.unwrap().as_deref(), Some("9"));
+
     // Watches see puts and deletes under their prefix only.
     let mut events = store.watch("jobs/").await.unwrap();
     store.put("workers/y", "ignored", None).await.unwrap();
@@ -142,10 +148,16 @@ async fn embedded_store_persists_state_but_not_liveness() {
     assert_eq!(reopened.get("jobs/a").await.unwrap().as_deref(), Some("1"));
     assert_eq!(
         reopened.get("ids/next").await.unwrap().as_deref(),
-        Some("7")
+        Some("9")
     );
+    // One process per state file.
+    let second = EmbeddedStore::open(Some(&file))
+        .err()
+        .expect("the file is locked");
+    assert!(format!("{second:#}").contains("in use"), "{second:#}");
     assert_eq!(reopened.get("workers/z").await.unwrap(), None);
     assert_eq!(reopened.get("elections/coordinator").await.unwrap(), None);
+    drop(reopened);
     std::fs::write(&file, "{ torn").unwrap();
     let err = EmbeddedStore::open(Some(&file))
         .err()

@@ -169,14 +169,16 @@ fn quickstart_runs_with_ppo_and_a_critic() {
             ("evaluation.every_steps", 3.into()),
         ],
     );
+    // A relative --out, run from the job's folder: the arms' job files must still find the
+    // pipeline's models and data.
     let out = dir.path().join("out");
-    let run = rlhf(&[
-        "run",
-        job.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let run = Command::new(bin("rlhf"))
+        .arg("run")
+        .arg(job.file_name().unwrap())
+        .args(["--out", "out", "--quiet"])
+        .current_dir(job.parent().unwrap())
+        .output()
+        .unwrap();
     assert!(
         run.status.success(),
         "{}",

@@ -102,7 +102,11 @@ fn block<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
 pub fn submit(target: Target, job: PathBuf) -> Result<()> {
     let text =
         std::fs::read_to_string(&job).with_context(|| format!("reading {}", job.display()))?;
-    let base = std::path::absolute(job.parent().unwrap_or(std::path::Path::new(".")))?;
+    let base = std::path::absolute(&job)
+        .with_context(|| format!("locating {}", job.display()))?
+        .parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_default();
     block(async {
         let info = target
             .client()?
@@ -240,7 +244,10 @@ pub fn logs(target: Target, id: String, follow: bool) -> Result<()> {
             "job {}: worker logs in {}/logs/, metrics in {}/metrics.jsonl",
             info.id, info.output_dir, info.output_dir
         );
-        print_history(&info);
+        let ended = ["succeeded", "failed", "cancelled"].contains(&info.state.as_str());
+        if !follow || ended {
+            print_history(&info);
+        }
         if !follow
             || info.state == "succeeded"
             || info.state == "failed"

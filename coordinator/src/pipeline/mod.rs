@@ -42,13 +42,18 @@ fn stage<T: Serialize + DeserializeOwned>(
     f: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
     let marker = layout.stage_marker(name);
-    if let Ok(text) = std::fs::read_to_string(&marker) {
-        let saved: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("reading {}", marker.display()))?;
-        timing.insert(name.into(), saved["seconds"].as_f64().unwrap_or(0.0));
+    // A marker that does not parse (a crash while writing it) means the stage runs again.
+    let saved = std::fs::read_to_string(&marker)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .and_then(|saved| {
+            let result = serde_json::from_value::<T>(saved["result"].clone()).ok()?;
+            Some((saved["seconds"].as_f64().unwrap_or(0.0), result))
+        });
+    if let Some((seconds, result)) = saved {
+        timing.insert(name.into(), seconds);
         eprintln!("[{name}] done earlier");
-        return serde_json::from_value(saved["result"].clone())
-            .with_context(|| format!("reading {}", marker.display()));
+        return Ok(result);
     }
     eprintln!("[{name}] …");
     let started = Instant::now();
@@ -57,7 +62,9 @@ fn stage<T: Serialize + DeserializeOwned>(
     timing.insert(name.into(), seconds);
     std::fs::create_dir_all(marker.parent().expect("stages/ folder"))?;
     let saved = serde_json::json!({"seconds": seconds, "result": result});
-    std::fs::write(&marker, serde_json::to_string_pretty(&saved)?)?;
+    let tmp = marker.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&saved)?)?;
+    std::fs::rename(&tmp, &marker)?;
     eprintln!("[{name}] done in {seconds:.0} s");
     Ok(result)
 }
@@ -78,9 +85,11 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
     if let Some(steps) = args.steps {
         spec.rollout.steps = steps;
     }
-    let layout = Layout {
-        root: spec.output_dir(),
-    };
+    // Absolute, so the arms' job files (which resolve relative paths against their own folder)
+    // point at the right models and data.
+    let root = std::path::absolute(spec.output_dir())
+        .with_context(|| format!("output folder {}", spec.output_dir().display()))?;
+    let layout = Layout { root };
     claim_output(&layout.root, text, args.resume)?;
     let mut timing = BTreeMap::new();
 
@@ -191,6 +200,7 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
     let total = timing.values().sum::<f64>();
     timing.insert("total".into(), total);
     let report = Report {
+        algorithm: format!("{:?}", spec.learner.algorithm).to_lowercase(),
         sft: sft_judged,
         arms,
         data: serde_json::to_value(&data)?,

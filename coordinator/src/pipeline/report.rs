@@ -265,6 +265,8 @@ pub fn final_kl(metrics: &crate::plot::MetricSeries, n: usize) -> f64 {
 /// The whole report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
+    /// `grpo` or `ppo`.
+    pub algorithm: String,
     pub sft: Judged,
     pub arms: BTreeMap<String, ArmReport>,
     pub data: serde_json::Value,
@@ -295,7 +297,8 @@ impl Report {
         ));
         for (name, arm) in &self.arms {
             t.push_str(&format!(
-                "| GRPO, {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {}, {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                self.algorithm.to_uppercase(),
                 arm.runs.len(),
                 pm(arm, "helpful", 3),
                 pm(arm, "harmless", 3),

@@ -266,6 +266,33 @@ impl PipelineSpec {
                 ));
             }
         }
+        if self.name.trim().is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            p.push(format!(
+                "name: `{}` must be non-empty letters, digits, `-`, `_` or `.`",
+                self.name
+            ));
+        }
+        // The RL settings, checked now rather than after the training stages.
+        let layout = Layout {
+            root: PathBuf::from("/nonexistent"),
+        };
+        let arm = self.arm_job(&layout, "log_sigmoid", self.seed);
+        if let Err(e) = arm
+            .learner_config(Path::new("learner"), &Default::default())
+            .validate()
+        {
+            p.push(format!("learner: {e}"));
+        }
+        if self.rollout.samples_per_prompt < 2
+            && self.learner.algorithm == rlhf_learner::config::Algorithm::Grpo
+        {
+            p.push("rollout.samples_per_prompt: GRPO needs at least 2".into());
+        }
         if self.evaluation.every_steps == 0 {
             p.push(
                 "evaluation.every_steps: the pipeline judges evaluations, set at least 1".into(),

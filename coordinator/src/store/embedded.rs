@@ -85,6 +85,9 @@ impl Inner {
 pub struct EmbeddedStore {
     inner: Arc<Mutex<Inner>>,
     path: Option<PathBuf>,
+    /// An exclusive lock on `<path>.lock` for the store's life: two coordinators on one state
+    /// file would each think they are alone.
+    _lock: Option<Arc<std::fs::File>>,
 }
 
 impl EmbeddedStore {
@@ -107,9 +110,14 @@ impl EmbeddedStore {
                 .map(|(k, value)| (k, Entry { value, lease: None }))
                 .collect();
         }
+        let lock = match path {
+            Some(p) => Some(Arc::new(lock_file(p)?)),
+            None => None,
+        };
         let store = EmbeddedStore {
             inner: Arc::new(Mutex::new(inner)),
             path: path.map(Path::to_path_buf),
+            _lock: lock,
         };
         let weak: Weak<Mutex<Inner>> = Arc::downgrade(&store.inner);
         tokio::spawn(async move {
@@ -132,17 +140,23 @@ impl EmbeddedStore {
         f(&mut inner)
     }
 
-    /// Writes the lease-less keys to the state file.
-    fn persist(&self, inner: &Inner) -> Result<()> {
+    /// Writes the lease-less keys, with `change` applied (`Some(value)`: set, `None`: removed),
+    /// to the state file. Called before the change is made in memory, so a failed write leaves
+    /// both as they were.
+    fn persist(&self, inner: &Inner, key: &str, change: Option<&str>) -> Result<()> {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        let map: BTreeMap<&String, &String> = inner
+        let mut map: BTreeMap<&str, &str> = inner
             .data
             .iter()
             .filter(|(_, e)| e.lease.is_none())
-            .map(|(k, e)| (k, &e.value))
+            .map(|(k, e)| (k.as_str(), e.value.as_str()))
             .collect();
+        match change {
+            Some(value) => map.insert(key, value),
+            None => map.remove(key),
+        };
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -170,6 +184,11 @@ impl EmbeddedStore {
                 return Ok(false);
             }
             let was_persistent = inner.data.get(key).is_some_and(|e| e.lease.is_none());
+            if lease.is_none() {
+                self.persist(inner, key, Some(value))?;
+            } else if was_persistent {
+                self.persist(inner, key, None)?;
+            }
             inner.data.insert(
                 key.into(),
                 Entry {
@@ -181,11 +200,28 @@ impl EmbeddedStore {
                 key: key.into(),
                 value: value.into(),
             });
-            if lease.is_none() || was_persistent {
-                self.persist(inner)?;
-            }
             Ok(true)
         })
+    }
+}
+
+/// Takes the exclusive lock next to a state file.
+fn lock_file(path: &Path) -> Result<std::fs::File> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let lock_path = path.with_extension("lock");
+    let file = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "{} is in use by another process (a coordinator already runs on this state file)",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", lock_path.display()))
+        }
     }
 }
 
@@ -200,12 +236,10 @@ impl StateStore for EmbeddedStore {
 
     async fn delete(&self, key: &str) -> Result<bool> {
         self.with(|inner| {
-            let persistent = inner.data.get(key).is_some_and(|e| e.lease.is_none());
-            let existed = inner.remove(key);
-            if persistent {
-                self.persist(inner)?;
+            if inner.data.get(key).is_some_and(|e| e.lease.is_none()) {
+                self.persist(inner, key, None)?;
             }
-            Ok(existed)
+            Ok(inner.remove(key))
         })
     }
 
@@ -222,6 +256,27 @@ impl StateStore for EmbeddedStore {
 
     async fn create(&self, key: &str, value: &str, lease: Option<LeaseId>) -> Result<bool> {
         self.write(key, value, lease, true)
+    }
+
+    async fn replace(&self, key: &str, old: &str, new: &str) -> Result<bool> {
+        self.with(|inner| {
+            if inner.data.get(key).map(|e| e.value.as_str()) != Some(old) {
+                return Ok(false);
+            }
+            self.persist(inner, key, Some(new))?;
+            inner.data.insert(
+                key.into(),
+                Entry {
+                    value: new.into(),
+                    lease: None,
+                },
+            );
+            inner.notify(WatchEvent::Put {
+                key: key.into(),
+                value: new.into(),
+            });
+            Ok(true)
+        })
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {

@@ -124,6 +124,15 @@ impl StateStore for EtcdStore {
         Ok(self.call("create", c.txn(txn)).await?.succeeded())
     }
 
+    async fn replace(&self, key: &str, old: &str, new: &str) -> Result<bool> {
+        let full = self.key(key);
+        let txn = Txn::new()
+            .when(vec![Compare::value(full.clone(), CompareOp::Equal, old)])
+            .and_then(vec![TxnOp::put(full, new, None)]);
+        let mut c = self.client.clone();
+        Ok(self.call("replace", c.txn(txn)).await?.succeeded())
+    }
+
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         let seconds = ttl.as_secs_f64().ceil().max(1.0) as i64;
         let mut c = self.client.clone();

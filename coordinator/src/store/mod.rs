@@ -59,6 +59,10 @@ pub trait StateStore: Send + Sync {
         value: &str,
         lease: Option<LeaseId>,
     ) -> impl Future<Output = Result<bool>> + Send;
+    /// Sets `key` to `new` only if its value is `old` (atomic compare-and-set, no lease);
+    /// whether it did.
+    fn replace(&self, key: &str, old: &str, new: &str)
+    -> impl Future<Output = Result<bool>> + Send;
     fn grant_lease(&self, ttl: Duration) -> impl Future<Output = Result<LeaseId>> + Send;
     /// Renews a lease for another TTL; an error when it has already expired.
     fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<()>> + Send;
@@ -171,6 +175,9 @@ impl StateStore for AnyStore {
     }
     async fn create(&self, key: &str, value: &str, lease: Option<LeaseId>) -> Result<bool> {
         delegate!(self, s => s.create(key, value, lease))
+    }
+    async fn replace(&self, key: &str, old: &str, new: &str) -> Result<bool> {
+        delegate!(self, s => s.replace(key, old, new))
     }
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId> {
         delegate!(self, s => s.grant_lease(ttl))
