@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use rlhf_model::burn::module::Module;
 use rlhf_model::burn::tensor::Tensor;
-use rlhf_model::optim::{AdamWConfig, Decay, LrSchedule, Trainer};
+use rlhf_model::optim::{Trainer, hold_out, progress_bar};
 use rlhf_model::{ChatMessage, DType, Model, SaveOptions, Tokenizer, device};
 use serde_json::Value;
 
@@ -200,36 +200,10 @@ pub fn train_sft(opts: &SftOptions) -> Result<Vec<SftEpoch>> {
     };
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     examples.shuffle(&mut rng);
-    let n_eval = ((examples.len() as f64) * opts.eval_fraction).round() as usize;
-    let eval: Vec<SftExample> = examples
-        .drain(..n_eval.min(examples.len().saturating_sub(1)))
-        .collect();
+    let eval = hold_out(&mut examples, opts.eval_fraction);
     let steps = (examples.len().div_ceil(opts.batch_size) * opts.epochs) as u64;
-    let schedule = LrSchedule {
-        lr: opts.lr,
-        warmup_steps: (steps / 20).max(1),
-        decay: Decay::Cosine,
-        total_steps: steps,
-        min_lr: opts.lr * 0.1,
-    };
-    let adamw = AdamWConfig {
-        weight_decay: opts.weight_decay,
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(adamw, schedule, Some(1.0));
-    let bar = if opts.quiet {
-        indicatif::ProgressBar::hidden()
-    } else {
-        let bar = indicatif::ProgressBar::new(steps);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{elapsed_precise} [{bar:30}] {pos}/{len} steps {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    };
+    let mut trainer = Trainer::fine_tuning(opts.lr, opts.weight_decay, steps);
+    let bar = progress_bar(steps, opts.quiet);
     let mut report = Vec::new();
     let mut order: Vec<usize> = (0..examples.len()).collect();
     for epoch in 1..=opts.epochs {

@@ -352,6 +352,23 @@ impl Trainer {
         }
     }
 
+    /// The fine-tuning recipe of `rlhf sft` and `rlhf reward train`: AdamW, linear warmup over
+    /// 5% of `total_steps`, cosine decay to 10% of `lr`, global gradient norm clipped to 1.
+    pub fn fine_tuning(lr: f64, weight_decay: f64, total_steps: u64) -> Self {
+        let schedule = LrSchedule {
+            lr,
+            warmup_steps: (total_steps / 20).max(1),
+            decay: Decay::Cosine,
+            total_steps,
+            min_lr: lr * 0.1,
+        };
+        let adamw = AdamWConfig {
+            weight_decay,
+            ..Default::default()
+        };
+        Trainer::new(adamw, schedule, Some(1.0))
+    }
+
     /// Differentiates `loss` (a one-element tensor computed from `model` on an autodiff device)
     /// and updates the model.
     pub fn step(&mut self, model: Model, loss: Tensor<1>) -> (Model, StepStats) {
@@ -382,4 +399,29 @@ impl Trainer {
         };
         (model, stats)
     }
+}
+
+/// Moves the first `fraction` of `items` (shuffle them first) into a held-out set, always
+/// leaving at least one item to train on.
+pub fn hold_out<T>(items: &mut Vec<T>, fraction: f64) -> Vec<T> {
+    let n = ((items.len() as f64) * fraction).round() as usize;
+    items
+        .drain(..n.min(items.len().saturating_sub(1)))
+        .collect()
+}
+
+/// A training progress bar over `total` optimizer steps (hidden when `quiet`).
+pub fn progress_bar(total: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} steps {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar
 }

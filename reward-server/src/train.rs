@@ -17,7 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use rlhf_model::burn::module::Module;
 use rlhf_model::burn::tensor::{Tensor, TensorData};
 use rlhf_model::losses::bradley_terry;
-use rlhf_model::optim::{AdamWConfig, Decay, LrSchedule, Trainer};
+use rlhf_model::optim::{Trainer, hold_out, progress_bar};
 use rlhf_model::{ChatMessage, DType, HeadKind, Model, SaveOptions, Tokenizer, device};
 use serde_json::{Value, json};
 
@@ -265,26 +265,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
     pairs.shuffle(&mut rng);
-    let n_eval = ((pairs.len() as f64) * opts.eval_fraction).round() as usize;
-    let eval: Vec<TokenPair> = pairs
-        .drain(..n_eval.min(pairs.len().saturating_sub(1)))
-        .collect();
+    let eval = hold_out(&mut pairs, opts.eval_fraction);
     let train_set = pairs;
 
     let steps_per_epoch = train_set.len().div_ceil(opts.batch_size);
     let total = (steps_per_epoch * opts.epochs) as u64;
-    let schedule = LrSchedule {
-        lr: opts.lr,
-        warmup_steps: (total / 20).max(1),
-        decay: Decay::Cosine,
-        total_steps: total,
-        min_lr: opts.lr * 0.1,
-    };
-    let adamw = AdamWConfig {
-        weight_decay: opts.weight_decay,
-        ..Default::default()
-    };
-    let mut trainer = Trainer::new(adamw, schedule, Some(1.0));
+    let mut trainer = Trainer::fine_tuning(opts.lr, opts.weight_decay, total);
     let bar = progress_bar(total, opts.quiet);
     let mut report = TrainReport {
         train_pairs: train_set.len(),
@@ -374,21 +360,6 @@ fn pairwise_accuracy(model: &Model, pairs: &[TokenPair], batch_size: usize) -> R
         correct += (0..n).filter(|&k| scores[k] > scores[n + k]).count();
     }
     Ok(correct as f64 / pairs.len() as f64)
-}
-
-fn progress_bar(total: u64, quiet: bool) -> indicatif::ProgressBar {
-    if quiet {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{elapsed_precise} [{bar:30}] {pos}/{len} steps {msg}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar
 }
 
 #[cfg(test)]
