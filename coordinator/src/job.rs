@@ -242,6 +242,40 @@ impl Default for EvaluationSpec {
     }
 }
 
+/// The problem with a job name, if any: names become folder names and job ids.
+pub fn name_problem(name: &str) -> Option<String> {
+    let ok = !name.trim().is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    (!ok).then(|| format!("name: `{name}` must be non-empty letters, digits, `-`, `_` or `.`"))
+}
+
+/// Every problem of a file in one error: `N problem(s) in FILE:` then one per line.
+pub fn problems_error(path: &Path, problems: Vec<String>) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{} problem(s) in {}:\n  {}",
+        problems.len(),
+        path.display(),
+        problems.join("\n  ")
+    )
+}
+
+/// Writes a file atomically and durably: a temporary file beside it, fsynced, then renamed,
+/// so a crash leaves the old or the new content, never a torn file.
+pub fn write_atomic(path: &Path, content: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(content)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)
+}
+
 /// The learner-side keys of an `[[objective]]` table; every other key is the reward server's.
 const LEARNER_KEYS: &[&str] = &["transform", "weight"];
 
@@ -308,17 +342,7 @@ impl JobSpec {
     /// Every semantic problem, each naming its field.
     fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if self.name.trim().is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            p.push(format!(
-                "name: `{}` must be non-empty letters, digits, `-`, `_` or `.`",
-                self.name
-            ));
-        }
+        p.extend(name_problem(&self.name));
         for (field, path) in [
             ("policy.model", Some(&self.policy.model)),
             ("policy.reference", self.policy.reference.as_ref()),

@@ -108,9 +108,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&job)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?;
             if crate::pipeline::is_pipeline(&text) {
-                let spec = crate::pipeline::PipelineSpec::from_toml(&text, &job).map_err(|p| {
-                    anyhow::anyhow!("{} problem(s):\n  {}", p.len(), p.join("\n  "))
-                })?;
+                let spec = crate::pipeline::PipelineSpec::from_toml(&text, &job)
+                    .map_err(|p| crate::job::problems_error(&job, p))?;
                 println!(
                     "{}: ok — pipeline `{}`, arms {:?} × seeds {:?}, {} RL steps, {:?}",
                     job.display(),

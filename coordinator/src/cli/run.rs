@@ -33,30 +33,14 @@ pub struct RunArgs {
     pub quiet: bool,
 }
 
-/// Loads a job file, printing every validation problem.
+/// Loads a job file, listing every validation problem.
 pub fn load_job(path: &std::path::Path) -> Result<JobSpec> {
-    JobSpec::from_file(path).map_err(|problems| {
-        anyhow::anyhow!(
-            "{} problem(s) in {}:\n  {}",
-            problems.len(),
-            path.display(),
-            problems.join("\n  ")
-        )
-    })
+    JobSpec::from_file(path).map_err(|problems| crate::job::problems_error(path, problems))
 }
 
-/// Persists the job's record (state and history) in its output folder: written to a temporary
-/// file, fsynced and renamed, so a crash never leaves a torn record.
+/// Persists the job's record (state and history) in its output folder, atomically.
 fn save_record(path: &std::path::Path, record: &JobRecord) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let text = serde_json::to_string_pretty(record)?;
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
+    crate::job::write_atomic(path, serde_json::to_string_pretty(record)?.as_bytes())?;
     Ok(())
 }
 

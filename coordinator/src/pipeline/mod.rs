@@ -62,23 +62,15 @@ fn stage<T: Serialize + DeserializeOwned>(
     timing.insert(name.into(), seconds);
     std::fs::create_dir_all(marker.parent().expect("stages/ folder"))?;
     let saved = serde_json::json!({"seconds": seconds, "result": result});
-    let tmp = marker.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&saved)?)?;
-    std::fs::rename(&tmp, &marker)?;
+    crate::job::write_atomic(&marker, serde_json::to_string_pretty(&saved)?.as_bytes())?;
     eprintln!("[{name}] done in {seconds:.0} s");
     Ok(result)
 }
 
 /// Runs a pipeline file.
 pub fn run(args: &RunArgs, text: &str) -> Result<()> {
-    let mut spec = PipelineSpec::from_toml(text, &args.job).map_err(|problems| {
-        anyhow::anyhow!(
-            "{} problem(s) in {}:\n  {}",
-            problems.len(),
-            args.job.display(),
-            problems.join("\n  ")
-        )
-    })?;
+    let mut spec = PipelineSpec::from_toml(text, &args.job)
+        .map_err(|problems| crate::job::problems_error(&args.job, problems))?;
     if let Some(out) = &args.out {
         spec.output_dir = Some(out.clone());
     }

@@ -266,17 +266,7 @@ impl PipelineSpec {
                 ));
             }
         }
-        if self.name.trim().is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            p.push(format!(
-                "name: `{}` must be non-empty letters, digits, `-`, `_` or `.`",
-                self.name
-            ));
-        }
+        p.extend(crate::job::name_problem(&self.name));
         // The RL settings, checked now rather than after the training stages.
         let layout = Layout {
             root: PathBuf::from("/nonexistent"),

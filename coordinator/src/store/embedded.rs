@@ -160,15 +160,8 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let tmp = path.with_extension("tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)
-                .with_context(|| format!("writing {}", tmp.display()))?;
-            f.write_all(serde_json::to_string(&map)?.as_bytes())?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+        crate::job::write_atomic(path, serde_json::to_string(&map)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     fn write(
