@@ -94,6 +94,11 @@ impl EmbeddedStore {
     /// A store persisted to `path` (read back when it exists), or in memory only. Must be called
     /// inside a tokio runtime (the lease reaper is a task).
     pub fn open(path: Option<&Path>) -> Result<EmbeddedStore> {
+        // Locked before reading, so the state read is not one another coordinator is changing.
+        let lock = match path {
+            Some(p) => Some(Arc::new(lock_file(p)?)),
+            None => None,
+        };
         let mut inner = Inner {
             next_lease: 1,
             ..Default::default()
@@ -110,10 +115,6 @@ impl EmbeddedStore {
                 .map(|(k, value)| (k, Entry { value, lease: None }))
                 .collect();
         }
-        let lock = match path {
-            Some(p) => Some(Arc::new(lock_file(p)?)),
-            None => None,
-        };
         let store = EmbeddedStore {
             inner: Arc::new(Mutex::new(inner)),
             path: path.map(Path::to_path_buf),
@@ -206,17 +207,28 @@ fn lock_file(path: &Path) -> Result<std::fs::File> {
     let lock_path = path.with_extension("lock");
     let file = std::fs::File::create(&lock_path)
         .with_context(|| format!("creating {}", lock_path.display()))?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "{} is in use by another process (a coordinator already runs on this state file)",
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(e).with_context(|| format!("locking {}", lock_path.display()))
+    // A lock just released can still be held for a moment by a child forked (not yet exec'd)
+    // while its fd was open, so a busy lock is retried for a second before it is an error.
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "{} is in use by another process (a coordinator already runs on this state file)",
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", lock_path.display()));
+            }
         }
     }
 }
+
+/// How long a busy state-file lock is retried.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
 
 impl StateStore for EmbeddedStore {
     async fn put(&self, key: &str, value: &str, lease: Option<LeaseId>) -> Result<()> {
