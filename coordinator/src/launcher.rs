@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 use crate::controller::{Endpoints, Supervisor};
 use crate::job::JobSpec;
 
-const READY: Duration = Duration::from_secs(300);
+pub const READY: Duration = Duration::from_secs(300);
 
 /// A job's running workers.
 pub struct LocalCluster {
@@ -28,7 +28,7 @@ pub struct LocalCluster {
     pub reward: ServiceProcess,
     pub learners: Vec<ServiceProcess>,
     pub actors: Vec<ServiceProcess>,
-    learner_configs: Vec<PathBuf>,
+    learner_commands: Vec<WorkerCommand>,
     peers: Vec<String>,
 }
 
@@ -42,61 +42,127 @@ fn free_ports(n: usize) -> Result<Vec<String>> {
         .collect::<std::io::Result<_>>()?)
 }
 
+/// One worker process of a job, as any launcher starts it:
+/// `rlhf worker --role ROLE -- ARGS --listen HOST:0`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerCommand {
+    /// `reward`, `learner` or `actor`.
+    pub role: &'static str,
+    /// Rank for learners, replica number otherwise.
+    pub index: usize,
+    pub args: Vec<String>,
+}
+
+impl WorkerCommand {
+    /// `role-index`: the name of its log file and of its assignment.
+    pub fn name(&self) -> String {
+        format!("{}-{}", self.role, self.index)
+    }
+
+    /// The same learner, restoring its latest checkpoint.
+    pub fn resuming(&self) -> WorkerCommand {
+        let mut c = self.clone();
+        if c.role == "learner" && !c.args.iter().any(|a| a == "--resume") {
+            c.args.push("--resume".into());
+        }
+        c
+    }
+}
+
+/// Writes the job's worker configuration files into `<out>/workers/` and returns the command of
+/// every worker: the reward server, the learner ranks in order (`peers`: their ring addresses
+/// when there are several), then the actors. With `resume`, learners restore their latest
+/// checkpoint.
+pub fn worker_commands(
+    job: &JobSpec,
+    resume: bool,
+    peers: &[String],
+) -> Result<Vec<WorkerCommand>> {
+    let out = job.output_dir();
+    let workers = out.join("workers");
+    std::fs::create_dir_all(&workers).context("creating the workers folder")?;
+    std::fs::create_dir_all(out.join("logs")).context("creating the logs folder")?;
+    let path_arg = |p: &Path| p.display().to_string();
+    let rewards = workers.join("rewards.toml");
+    std::fs::write(&rewards, job.reward_config_text()).context("writing rewards.toml")?;
+    let mut commands = vec![WorkerCommand {
+        role: "reward",
+        index: 0,
+        args: vec!["--config".into(), path_arg(&rewards)],
+    }];
+    for rank in 0..job.resources.learner_ranks {
+        let parallel = ParallelConfig {
+            rank,
+            peers: peers.to_vec(),
+            ..Default::default()
+        };
+        let config = job.learner_config(&out.join("learner"), &parallel);
+        let path = workers.join(format!("learner-{rank}.toml"));
+        std::fs::write(
+            &path,
+            toml::to_string(&config).context("serialising the learner config")?,
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+        let command = WorkerCommand {
+            role: "learner",
+            index: rank,
+            args: vec!["--config".into(), path_arg(&path)],
+        };
+        commands.push(if resume { command.resuming() } else { command });
+    }
+    let model = job.policy.model.display().to_string();
+    let max_seq = job.resources.max_sequences.to_string();
+    for i in 0..job.resources.actors {
+        commands.push(WorkerCommand {
+            role: "actor",
+            index: i,
+            args: vec![
+                "--model".into(),
+                model.clone(),
+                "--max-sequences".into(),
+                max_seq.clone(),
+            ],
+        });
+    }
+    Ok(commands)
+}
+
 impl LocalCluster {
     /// Starts the reward server(s), learner ranks and actors of `job` (`exe` is the `rlhf`
     /// binary). With `resume`, learners restore their latest checkpoint.
     pub fn launch(job: &JobSpec, exe: &Path, resume: bool) -> Result<LocalCluster> {
         let out = job.output_dir();
-        let workers = out.join("workers");
-        std::fs::create_dir_all(&workers).context("creating the workers folder")?;
-        std::fs::create_dir_all(out.join("logs")).context("creating the logs folder")?;
-        let rewards = workers.join("rewards.toml");
-        std::fs::write(&rewards, job.reward_config_text()).context("writing rewards.toml")?;
-
         let ranks = job.resources.learner_ranks;
         let peers = if ranks > 1 {
             free_ports(ranks)?
         } else {
             Vec::new()
         };
-        let mut learner_configs = Vec::new();
-        for rank in 0..ranks {
-            let parallel = ParallelConfig {
-                rank,
-                peers: peers.clone(),
-                ..Default::default()
-            };
-            let config = job.learner_config(&out.join("learner"), &parallel);
-            let path = workers.join(format!("learner-{rank}.toml"));
-            std::fs::write(
-                &path,
-                toml::to_string(&config).context("serialising the learner config")?,
-            )?;
-            learner_configs.push(path);
-        }
+        let commands = worker_commands(job, resume, &peers)?;
+        let of = |role: &str| -> Vec<WorkerCommand> {
+            commands
+                .iter()
+                .filter(|c| c.role == role)
+                .cloned()
+                .collect()
+        };
+        let reward = of("reward").remove(0);
         let mut cluster = LocalCluster {
             exe: exe.to_path_buf(),
             out: out.clone(),
-            reward: spawn(
-                exe,
-                &out,
-                "reward-0",
-                &["reward", "--config", rewards.to_str().unwrap_or_default()],
-            )?,
+            reward: spawn(exe, &out, &reward)?,
             learners: Vec::new(),
             actors: Vec::new(),
-            learner_configs,
+            learner_commands: of("learner"),
             peers,
         };
         // Ranks wait for each other to form the ring, so they start together.
-        let handles: Vec<_> = (0..ranks)
-            .map(|rank| {
-                let (exe, out, config) = (
-                    cluster.exe.clone(),
-                    out.clone(),
-                    cluster.learner_configs[rank].clone(),
-                );
-                std::thread::spawn(move || learner_process(&exe, &out, rank, &config, resume))
+        let handles: Vec<_> = cluster
+            .learner_commands
+            .iter()
+            .map(|command| {
+                let (exe, out, command) = (cluster.exe.clone(), out.clone(), command.clone());
+                std::thread::spawn(move || spawn(&exe, &out, &command))
             })
             .collect();
         for h in handles {
@@ -105,15 +171,8 @@ impl LocalCluster {
                     .map_err(|_| anyhow::anyhow!("a launcher thread panicked"))??,
             );
         }
-        let model = job.policy.model.display().to_string();
-        let max_seq = job.resources.max_sequences.to_string();
-        for i in 0..job.resources.actors {
-            cluster.actors.push(spawn(
-                exe,
-                &out,
-                &format!("actor-{i}"),
-                &["actor", "--model", &model, "--max-sequences", &max_seq],
-            )?);
+        for actor in of("actor") {
+            cluster.actors.push(spawn(exe, &out, &actor)?);
         }
         cluster.write_endpoints()?;
         Ok(cluster)
@@ -156,12 +215,10 @@ impl LocalCluster {
             );
         }
         self.learners[rank].kill();
-        let p = learner_process(
+        let p = spawn(
             &self.exe,
             &self.out,
-            rank,
-            &self.learner_configs[rank],
-            true,
+            &self.learner_commands[rank].resuming(),
         )?;
         let url = p.url();
         self.learners[rank] = p;
@@ -170,42 +227,43 @@ impl LocalCluster {
     }
 }
 
-fn learner_process(
-    exe: &Path,
-    out: &Path,
-    rank: usize,
-    config: &Path,
-    resume: bool,
-) -> Result<ServiceProcess> {
-    let mut args = vec!["learner", "--config", config.to_str().unwrap_or_default()];
-    if resume {
-        args.push("--resume");
-    }
-    spawn(exe, out, &format!("learner-{rank}"), &args)
-}
-
-/// Starts `rlhf worker --role ROLE -- ARGS --listen 127.0.0.1:0`, logging to a file.
-fn spawn(exe: &Path, out: &Path, name: &str, role_and_args: &[&str]) -> Result<ServiceProcess> {
-    let log_path = out.join("logs").join(format!("{name}.log"));
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(&log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("worker")
-        .arg("--role")
-        .arg(role_and_args[0])
-        .arg("--");
-    cmd.args(&role_and_args[1..])
-        .args(["--listen", "127.0.0.1:0"]);
-    cmd.stderr(log);
+/// Starts `rlhf worker --role ROLE -- ARGS --listen 127.0.0.1:0`, logging to
+/// `<out>/logs/<role>-<index>.log`.
+fn spawn(exe: &Path, out: &Path, command: &WorkerCommand) -> Result<ServiceProcess> {
+    let log_path = out.join("logs").join(format!("{}.log", command.name()));
+    let mut cmd = worker_process(exe, command.role, &command.args, &log_path, "127.0.0.1")?;
     // Its own process group: a Ctrl-C at the terminal reaches `rlhf run` (which checkpoints and
     // stops the workers itself), not the workers directly.
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     ServiceProcess::spawn(cmd, READY)
-        .with_context(|| format!("starting {name} (log: {})", log_path.display()))
+        .with_context(|| format!("starting {} (log: {})", command.name(), log_path.display()))
+}
+
+/// The process `rlhf worker --role ROLE -- ARGS --listen HOST:0`, its stderr appended to
+/// `log_path` (shared by the local launcher and pool workers).
+pub fn worker_process(
+    exe: &Path,
+    role: &str,
+    args: &[String],
+    log_path: &Path,
+    host: &str,
+) -> Result<Command> {
+    if let Some(dir) = log_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["worker", "--role", role, "--"])
+        .args(args)
+        .arg("--listen")
+        .arg(format!("{host}:0"))
+        .stderr(log);
+    Ok(cmd)
 }
 
 /// The local launcher as the controller's supervisor.

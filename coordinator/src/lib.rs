@@ -7,6 +7,7 @@ pub mod job;
 pub mod launcher;
 pub mod pipeline;
 pub mod plot;
+pub mod pool;
 pub mod service;
 pub mod state;
 pub mod store;

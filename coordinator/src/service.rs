@@ -21,14 +21,17 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rlhf_proto::v1;
 use rlhf_proto::v1::job_service_server::{JobService, JobServiceServer};
+use rlhf_proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::cli::run::{RunHooks, run_job_with};
+use crate::cli::run::{Gang, RunHooks, run_job_with};
 use crate::controller::{Event, Outcome};
 use crate::job::JobSpec;
+use crate::launcher::WorkerCommand;
+use crate::pool::{HeartbeatError, Placement, Pool, PoolGang};
 use crate::state::{JobRecord, JobState, now};
 use crate::store::{AnyStore, StateStore, campaign};
 
@@ -49,6 +52,9 @@ pub struct StoredJob {
     /// Set by `Cancel` on a running job; the active coordinator stops it.
     #[serde(default)]
     pub cancel_requested: bool,
+    /// Why a queued job is not placed yet (pool launchers), empty otherwise.
+    #[serde(default)]
+    pub waiting: String,
 }
 
 impl StoredJob {
@@ -72,6 +78,7 @@ impl StoredJob {
                 })
                 .collect(),
             metrics: self.metrics.clone().into_iter().collect(),
+            waiting: self.waiting.clone(),
         }
     }
 
@@ -84,9 +91,20 @@ impl StoredJob {
     }
 }
 
+/// How the active coordinator gets a job's workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LauncherKind {
+    /// Child processes on this machine.
+    Local,
+    /// Workers that registered themselves (`rlhf worker --coordinator URL`).
+    Static,
+}
+
 /// The coordinator's shared state.
 pub struct Coordinator {
     store: AnyStore,
+    pool: Pool,
+    launcher: LauncherKind,
     state_dir: PathBuf,
     slots: usize,
     /// Jobs this process runs: their stop switches.
@@ -99,8 +117,17 @@ fn internal(e: anyhow::Error) -> Status {
 }
 
 impl Coordinator {
-    pub fn new(store: AnyStore, state_dir: PathBuf, slots: usize) -> Arc<Coordinator> {
+    /// `worker_ttl`: how long a pool worker stays registered without a heartbeat.
+    pub fn new(
+        store: AnyStore,
+        launcher: LauncherKind,
+        state_dir: PathBuf,
+        slots: usize,
+        worker_ttl: Duration,
+    ) -> Arc<Coordinator> {
         Arc::new(Coordinator {
+            pool: Pool::new(store.clone(), worker_ttl),
+            launcher,
             store,
             state_dir,
             slots: slots.max(1),
@@ -228,13 +255,25 @@ impl Coordinator {
             if running.len() >= self.slots {
                 break;
             }
+            let resume = job.record.state != JobState::Queued;
+            let placed = match self.launcher {
+                LauncherKind::Local => None,
+                LauncherKind::Static => match self.place(job, resume).await {
+                    Ok(Some(placed)) => Some(placed),
+                    // Strict order: a job waiting for workers is not overtaken.
+                    Ok(None) => break,
+                    Err(e) => {
+                        self.finish(&job.record.id, Err(e)).await?;
+                        continue;
+                    }
+                },
+            };
             let (stop_tx, stop_rx) = watch::channel(job.cancel_requested);
             running.insert(job.record.id.clone(), stop_tx);
-            let resume = job.record.state != JobState::Queued;
             let me = self.clone();
             let id = job.record.id.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.run(&id, resume, stop_rx).await {
+                if let Err(e) = me.run(&id, resume, stop_rx, placed).await {
                     tracing::warn!(id, "job bookkeeping failed: {e:#}");
                 }
                 me.running.lock().await.remove(&id);
@@ -244,27 +283,123 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Runs one job on local workers, mirroring its progress into the store.
-    async fn run(&self, id: &str, resume: bool, stop: watch::Receiver<bool>) -> Result<()> {
-        let reason = if resume {
-            "resuming from the last checkpoint (the coordinator that ran it is gone)"
-        } else {
-            "starting local workers"
+    /// Places `job`'s gang on pool workers: `Ok(None)` (and the job's `waiting` note set)
+    /// when the pool is too small now. Assignments a previous coordinator left for the job are
+    /// taken back first.
+    async fn place(&self, job: &StoredJob, resume: bool) -> Result<Option<Placed>> {
+        let id = &job.record.id;
+        let spec = job.spec()?;
+        if spec.resources.learner_ranks > 1 {
+            anyhow::bail!(
+                "resources.learner_ranks = {}: data-parallel learners run with the local launcher only so far (their ring addresses are chosen before start)",
+                spec.resources.learner_ranks
+            );
+        }
+        self.pool.release(id).await?;
+        let commands = crate::launcher::worker_commands(&spec, resume, &[])?;
+        let logs = spec.output_dir().join("logs");
+        match self.pool.place(id, &commands, &logs).await? {
+            Some(placements) => {
+                if !job.waiting.is_empty() {
+                    self.update(id, |j| j.waiting.clear()).await?;
+                }
+                Ok(Some(Placed {
+                    commands,
+                    placements,
+                }))
+            }
+            None => {
+                let mut need: BTreeMap<&str, usize> = BTreeMap::new();
+                for c in &commands {
+                    *need.entry(c.role).or_default() += 1;
+                }
+                let free = self.pool.free_capacity().await?;
+                let waiting = format!(
+                    "waiting for workers: needs {}; free now: {}",
+                    counts(need.iter().map(|(r, n)| (*r, *n))),
+                    counts(free.iter().map(|(r, n)| (r.as_str(), *n)))
+                );
+                if job.waiting != waiting {
+                    self.update(id, |j| j.waiting = waiting.clone()).await?;
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Runs one job, mirroring its progress into the store: on its placed pool workers, or on
+    /// local workers when `placed` is `None`.
+    async fn run(
+        &self,
+        id: &str,
+        resume: bool,
+        stop: watch::Receiver<bool>,
+        placed: Option<Placed>,
+    ) -> Result<()> {
+        let reason = match (&placed, resume) {
+            (_, true) => {
+                "resuming from the last checkpoint (the coordinator that ran it is gone)".into()
+            }
+            (None, false) => "starting local workers".into(),
+            (Some(p), false) => format!(
+                "placed on workers {}",
+                p.placements
+                    .iter()
+                    .map(|p| p.worker.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         };
         let job = self
             .update(id, |j| {
-                let _ = j.record.transition(JobState::Placing, reason);
+                let _ = j.record.transition(JobState::Placing, reason.clone());
             })
             .await?;
+        let result = self
+            .run_placed(id, job, resume, stop, placed.as_ref())
+            .await;
+        if placed.is_some() {
+            // The workers stop the job's processes and return to the pool.
+            if let Err(e) = self.pool.release(id).await {
+                tracing::warn!(id, "releasing the job's workers: {e:#}");
+            }
+        }
+        result
+    }
+
+    async fn run_placed(
+        &self,
+        id: &str,
+        job: StoredJob,
+        resume: bool,
+        stop: watch::Receiver<bool>,
+        placed: Option<&Placed>,
+    ) -> Result<()> {
         if job.record.state != JobState::Placing {
             // Cancelled between the scheduling pass and now.
             return Ok(());
         }
         let spec = match job.spec() {
             Ok(spec) => spec,
-            Err(e) => {
-                self.finish(id, Err(e)).await?;
-                return Ok(());
+            Err(e) => return self.finish(id, Err(e)).await,
+        };
+        let gang = match placed {
+            None => None,
+            Some(p) => {
+                let ready = PoolGang::ready(
+                    self.pool.clone(),
+                    p.commands.clone(),
+                    p.placements.clone(),
+                    crate::launcher::READY,
+                )
+                .await;
+                match ready {
+                    Ok(g) => Some(Gang {
+                        endpoints: g.endpoints,
+                        supervisor: Box::new(g.supervisor),
+                    }),
+                    Err(e) => return self.finish(id, Err(e)).await,
+                }
             }
         };
         let (events_tx, mut events) = mpsc::unbounded_channel();
@@ -275,6 +410,7 @@ impl Coordinator {
             let hooks = RunHooks {
                 stop: Some(stop),
                 events: Some(events_tx),
+                gang,
             };
             let _ = done_tx.send(run_job_with(&spec, text, resume, true, hooks));
         });
@@ -346,6 +482,20 @@ impl Coordinator {
     }
 }
 
+/// A job's gang as placed on pool workers.
+struct Placed {
+    commands: Vec<WorkerCommand>,
+    placements: Vec<Placement>,
+}
+
+/// `2 actor, 1 learner`.
+fn counts<'a>(items: impl Iterator<Item = (&'a str, usize)>) -> String {
+    items
+        .map(|(role, n)| format!("{n} {role}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The gRPC face of a [`Coordinator`].
 pub struct JobApi(pub Arc<Coordinator>);
 
@@ -401,6 +551,7 @@ impl JobService for JobApi {
                 submitted: now(),
                 metrics: BTreeMap::new(),
                 cancel_requested: false,
+                waiting: String::new(),
             };
             let text = serde_json::to_string(&job).map_err(|e| internal(e.into()))?;
             if c.store
@@ -535,17 +686,65 @@ impl JobService for JobApi {
     }
 }
 
+/// The gRPC face of the worker pool.
+pub struct WorkerApi(pub Pool);
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(
+        &self,
+        request: Request<v1::RegisterWorkerRequest>,
+    ) -> Result<Response<v1::RegisterWorkerReply>, Status> {
+        let r = request.into_inner();
+        let id = self
+            .0
+            .register(&r)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        tracing::info!(id, role = r.role, node = r.node, "worker registered");
+        Ok(Response::new(v1::RegisterWorkerReply {
+            worker_id: id,
+            heartbeat_ms: self.0.heartbeat_every().as_millis() as u64,
+            lease_ttl_ms: self.0.ttl().as_millis() as u64,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatReply>, Status> {
+        let r = request.into_inner();
+        match self.0.heartbeat(&r.worker_id, &r.statuses).await {
+            Ok(assignments) => Ok(Response::new(v1::HeartbeatReply { assignments })),
+            Err(HeartbeatError::Unknown(m)) => Err(Status::not_found(m)),
+            Err(HeartbeatError::Store(e)) => Err(internal(e)),
+        }
+    }
+
+    async fn list_workers(
+        &self,
+        _: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersReply>, Status> {
+        let workers = self.0.list().await.map_err(internal)?;
+        Ok(Response::new(v1::ListWorkersReply { workers }))
+    }
+}
+
 /// Serves the job API on `listener` and, once elected, runs jobs.
 pub async fn serve(
     coordinator: Arc<Coordinator>,
     name: String,
     listener: tokio::net::TcpListener,
 ) -> Result<()> {
-    let server = JobServiceServer::new(JobApi(coordinator.clone()));
-    let service = <JobServiceServer<JobApi> as tonic::server::NamedService>::NAME;
+    let jobs = JobServiceServer::new(JobApi(coordinator.clone()));
+    let workers = WorkerServiceServer::new(WorkerApi(coordinator.pool.clone()));
+    let names = vec![
+        <JobServiceServer<JobApi> as tonic::server::NamedService>::NAME,
+        <WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+    ];
     let host = rlhf_proto::service::ServiceHost::new(
-        tonic::service::Routes::new(server),
-        vec![service],
+        tonic::service::Routes::new(jobs).add_service(workers),
+        names,
         prometheus::Registry::new(),
     );
     let leader = tokio::spawn(coordinator.lead(name));

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 /// A binary of the workspace (`rlhf`, `actor`, ...), built by `cargo test --workspace` next to
 /// this test executable.
 pub fn bin(name: &str) -> PathBuf {

@@ -3,69 +3,15 @@
 //! coordinator resuming its jobs (embedded store), and a standby taking over (etcd store).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use rlhf_proto::process::ServiceProcess;
-use rlhf_tests::{Etcd, bin, metric_steps, tiny_job, wait_for};
+use rlhf_tests::cluster::{cli, job, status, submit, wait_state};
+use rlhf_tests::{Etcd, bin, metric_steps, wait_for};
 
 fn coordinator(store: &str, state_dir: &Path, slots: usize, name: &str) -> ServiceProcess {
-    let mut cmd = Command::new(bin("rlhf"));
-    cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--store", store])
-        .arg("--state-dir")
-        .arg(state_dir)
-        .args(["--slots", &slots.to_string(), "--name", name])
-        .stderr(Stdio::null());
-    ServiceProcess::spawn(cmd, Duration::from_secs(60)).expect("the coordinator starts")
-}
-
-fn cli(url: &str, args: &[&str]) -> Output {
-    let out = Command::new(bin("rlhf"))
-        .args(args)
-        .env("RLHF_COORDINATOR", url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "rlhf {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A tiny job in its own folder; `steps` and `priority` set.
-fn job(root: &Path, name: &str, steps: u64, priority: i32) -> PathBuf {
-    let dir = root.join(name);
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = tiny_job(&dir, name, "");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let text = format!(
-        "priority = {priority}\n{}",
-        text.replace("steps = 3", &format!("steps = {steps}"))
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// Submits from the job file's folder (a relative path, as users type it).
-fn submit(url: &str, job: &Path) -> String {
-    let out = Command::new(bin("rlhf"))
-        .args(["submit", job.file_name().unwrap().to_str().unwrap()])
-        .current_dir(job.parent().unwrap())
-        .env("RLHF_COORDINATOR", url)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn status(url: &str, id: &str) -> serde_json::Value {
-    let out = cli(url, &["status", id, "--json"]);
-    serde_json::from_slice(&out.stdout).unwrap()
+    rlhf_tests::cluster::coordinator(store, state_dir, name, &["--slots", &slots.to_string()])
 }
 
 /// When the job first entered `state` (unix seconds).
@@ -77,19 +23,6 @@ fn entered(info: &serde_json::Value, state: &str) -> f64 {
         .find(|h| h["state"] == state)
         .and_then(|h| h["at"].as_f64())
         .unwrap_or_else(|| panic!("never {state}: {info}"))
-}
-
-fn wait_state(url: &str, id: &str, state: &str, within: Duration) -> serde_json::Value {
-    let mut last = serde_json::Value::Null;
-    wait_for(&format!("{id} to be {state}"), within, || {
-        last = status(url, id);
-        assert!(
-            !(last["state"] == "failed" && state != "failed"),
-            "{id} failed: {last}"
-        );
-        last["state"] == state
-    });
-    last
 }
 
 fn alive(pid: u32) -> bool {
@@ -104,15 +37,15 @@ fn jobs_share_the_pool_by_priority_and_cancel_frees_workers() {
     let c = coordinator(&store, &dir.path().join("state"), 1, "c1");
     let url = c.url();
 
-    let long = submit(&url, &job(dir.path(), "long", 200, 0));
+    let long = submit(&url, &job(dir.path(), "long", 200, 0, ""));
     wait_for(
         "the long job's first step",
         Duration::from_secs(120),
         || status(&url, &long)["last_step"].as_u64().unwrap_or(0) >= 1,
     );
     // The slot is taken: these wait, and the higher priority goes first.
-    let low = submit(&url, &job(dir.path(), "low", 2, 0));
-    let high = submit(&url, &job(dir.path(), "high", 2, 5));
+    let low = submit(&url, &job(dir.path(), "low", 2, 0, ""));
+    let high = submit(&url, &job(dir.path(), "high", 2, 5, ""));
     assert_eq!(status(&url, &low)["state"], "queued");
     assert_eq!(status(&url, &high)["state"], "queued");
 
@@ -222,7 +155,7 @@ fn a_restarted_coordinator_resumes_its_jobs_from_the_embedded_store() {
     let state = dir.path().join("state");
     let first = coordinator(&store, &state, 1, "c1");
     let url = first.url();
-    let id = submit(&url, &job(dir.path(), "restart", 8, 0));
+    let id = submit(&url, &job(dir.path(), "restart", 8, 0, ""));
     survives_coordinator_death(&url, &id, first, || {
         coordinator(&store, &state, 1, "c1-again")
     });
@@ -237,7 +170,7 @@ fn a_standby_coordinator_takes_over_from_the_active_one_with_etcd() {
     let active = coordinator(&store, &state, 1, "active");
     let standby = coordinator(&store, &state, 1, "standby");
     // Submitted to the standby: any coordinator accepts jobs; the active one runs them.
-    let id = submit(&standby.url(), &job(dir.path(), "takeover", 8, 0));
+    let id = submit(&standby.url(), &job(dir.path(), "takeover", 8, 0, ""));
     let url = standby.url();
     survives_coordinator_death(&url, &id, active, move || standby);
 }

@@ -1,5 +1,5 @@
 //! `rlhf coordinator` and the commands that talk to one: `submit`, `jobs`, `status`, `logs`,
-//! `cancel` (address from `--coordinator` or `RLHF_COORDINATOR`).
+//! `cancel`, `workers` (address from `--coordinator` or `RLHF_COORDINATOR`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,9 +9,10 @@ use clap::Args;
 use rlhf_proto::client::{Timeouts, channel};
 use rlhf_proto::v1;
 use rlhf_proto::v1::job_service_client::JobServiceClient;
+use rlhf_proto::v1::worker_service_client::WorkerServiceClient;
 use tonic::transport::Channel;
 
-use crate::service::{Coordinator, default_state_dir, serve};
+use crate::service::{Coordinator, LauncherKind, default_state_dir, serve};
 use crate::store::AnyStore;
 
 #[derive(Debug, Args)]
@@ -31,6 +32,14 @@ pub struct CoordinatorArgs {
     /// This coordinator's name in the election (default: host and pid).
     #[arg(long)]
     pub name: Option<String>,
+    /// Where jobs' workers come from: `local` (child processes here) or `static` (workers that
+    /// registered with `rlhf worker --role R --coordinator URL`, on any machine).
+    #[arg(long, value_enum, default_value = "local")]
+    pub launcher: LauncherKind,
+    /// Seconds a pool worker stays registered without a heartbeat (at least 2). When one is
+    /// gone, its processes are replaced on other workers.
+    #[arg(long, default_value_t = 10.0)]
+    pub worker_ttl: f64,
 }
 
 /// Where the coordinator is.
@@ -47,15 +56,18 @@ pub struct Target {
 
 impl Target {
     fn client(&self) -> Result<JobServiceClient<Channel>> {
-        let ch = channel(
+        Ok(JobServiceClient::new(self.channel()?))
+    }
+
+    fn channel(&self) -> Result<Channel> {
+        channel(
             &self.coordinator,
             Timeouts {
                 connect: Duration::from_secs(5),
                 request: Duration::from_secs(30),
             },
         )
-        .with_context(|| format!("coordinator address {}", self.coordinator))?;
-        Ok(JobServiceClient::new(ch))
+        .with_context(|| format!("coordinator address {}", self.coordinator))
     }
 }
 
@@ -90,7 +102,16 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             rlhf_proto::process::READY_PREFIX,
             listener.local_addr()?
         );
-        let c = Coordinator::new(store, state_dir, args.slots);
+        if !(args.worker_ttl.is_finite() && args.worker_ttl > 0.0) {
+            anyhow::bail!("--worker-ttl {}: expected seconds > 0", args.worker_ttl);
+        }
+        let c = Coordinator::new(
+            store,
+            args.launcher,
+            state_dir,
+            args.slots,
+            Duration::from_secs_f64(args.worker_ttl),
+        );
         serve(c, name, listener).await
     })
 }
@@ -188,6 +209,7 @@ pub fn status(target: Target, id: String, json: bool) -> Result<()> {
                     "priority": info.priority, "last_step": info.last_step,
                     "total_steps": info.total_steps, "output_dir": info.output_dir,
                     "history": history, "metrics": info.metrics,
+                    "waiting": info.waiting,
                 })
             );
             return Ok(());
@@ -197,6 +219,9 @@ pub fn status(target: Target, id: String, json: bool) -> Result<()> {
             "step {}/{}, priority {}, output {}",
             info.last_step, info.total_steps, info.priority, info.output_dir
         );
+        if !info.waiting.is_empty() {
+            println!("{}", info.waiting);
+        }
         print_history(&info);
         let mut metrics: Vec<_> = info
             .metrics
@@ -277,6 +302,59 @@ pub fn logs(target: Target, id: String, follow: bool) -> Result<()> {
                 }
                 None => {}
             }
+        }
+        Ok(())
+    })
+}
+
+/// The registered workers and what they run.
+pub fn workers(target: Target, json: bool) -> Result<()> {
+    block(async {
+        let list = WorkerServiceClient::new(target.channel()?)
+            .list_workers(v1::ListWorkersRequest {})
+            .await
+            .map_err(|e| status_error(e, &target.coordinator))?
+            .into_inner();
+        if json {
+            let workers: Vec<_> = list
+                .workers
+                .iter()
+                .map(|w| {
+                    let assignments: Vec<_> = w
+                        .assignments
+                        .iter()
+                        .map(|a| serde_json::json!({"id": a.id, "generation": a.generation, "state": a.state, "url": a.url, "detail": a.detail, "pid": a.pid}))
+                        .collect();
+                    serde_json::json!({
+                        "id": w.id, "role": w.role, "node": w.node, "address": w.address,
+                        "devices": w.devices, "capacity": w.capacity,
+                        "registered": w.registered_unix, "last_heartbeat": w.last_heartbeat_unix,
+                        "assignments": assignments,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(workers));
+            return Ok(());
+        }
+        println!(
+            "{:<28} {:<8} {:<16} {:>5}  {:<12} ASSIGNMENTS",
+            "WORKER", "ROLE", "ADDRESS", "USED", "SEEN"
+        );
+        for w in list.workers {
+            let assignments: Vec<String> = w
+                .assignments
+                .iter()
+                .map(|a| format!("{} ({})", a.id, a.state))
+                .collect();
+            println!(
+                "{:<28} {:<8} {:<16} {:>5}  {:<12} {}",
+                w.id,
+                w.role,
+                w.address,
+                format!("{}/{}", w.assignments.len(), w.capacity),
+                when(w.last_heartbeat_unix),
+                assignments.join(", ")
+            );
         }
         Ok(())
     })

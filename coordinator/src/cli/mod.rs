@@ -76,6 +76,14 @@ pub enum Command {
         #[command(flatten)]
         target: cluster::Target,
     },
+    /// The workers registered with a coordinator and what each runs.
+    Workers {
+        /// One JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: cluster::Target,
+    },
     /// Cancel a job (a running one checkpoints and stops; its workers exit).
     Cancel {
         job: String,
@@ -99,6 +107,13 @@ pub enum Command {
 }
 
 /// Runs a parsed command line.
+impl Command {
+    /// A long-running service (the coordinator, a worker) rather than a command.
+    pub fn is_service(&self) -> bool {
+        matches!(self, Command::Coordinator(_) | Command::Worker(_))
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Model { command } => model::run(command),
@@ -144,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             target,
         } => cluster::logs(target, job, follow),
         Command::Cancel { job, target } => cluster::cancel(target, job),
+        Command::Workers { json, target } => cluster::workers(target, json),
         Command::Plot { run, out } => {
             let file = if run.is_dir() {
                 run.join("metrics.jsonl")

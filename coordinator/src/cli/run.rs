@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tokio::sync::{Mutex, mpsc, watch};
 
-use crate::controller::{Controller, Event, Outcome};
+use crate::controller::{Controller, Endpoints, Event, Outcome, Supervisor};
 use crate::job::JobSpec;
 use crate::launcher::{LocalCluster, LocalSupervisor};
 use crate::state::{JobRecord, JobState};
@@ -79,6 +79,15 @@ pub struct RunHooks {
     pub stop: Option<watch::Receiver<bool>>,
     /// Receives every controller event.
     pub events: Option<mpsc::UnboundedSender<Event>>,
+    /// Workers already started elsewhere (the pool launchers); without it, the job's workers
+    /// are started here by the local launcher.
+    pub gang: Option<Gang>,
+}
+
+/// A job's running workers and who replaces them when they die.
+pub struct Gang {
+    pub endpoints: Endpoints,
+    pub supervisor: Box<dyn Supervisor>,
 }
 
 /// Runs one job to its end on this machine: local workers, the controller, the progress
@@ -119,8 +128,13 @@ pub fn run_job_with(
             job.priority,
         );
     }
+    let placing = if hooks.gang.is_some() {
+        "workers placed by the coordinator"
+    } else {
+        "starting local workers"
+    };
     record
-        .transition(JobState::Placing, "starting local workers")
+        .transition(JobState::Placing, placing)
         .map_err(anyhow::Error::msg)?;
     save_record(&record_path, &record)?;
 
@@ -151,7 +165,7 @@ pub fn run_job_with(
 /// This binary, for starting workers. On Linux `/proc/self/exe` names the running image even
 /// after the file was replaced (a rebuild during a long run), so workers started late in a
 /// pipeline run the same code as the controller.
-fn self_exe() -> Result<PathBuf> {
+pub fn self_exe() -> Result<PathBuf> {
     let proc = PathBuf::from("/proc/self/exe");
     if proc.exists() {
         return Ok(proc);
@@ -168,12 +182,25 @@ async fn drive(
     record: &mut JobRecord,
     record_path: &std::path::Path,
 ) -> Result<Outcome> {
-    let cluster = {
-        let job = job.clone();
-        tokio::task::spawn_blocking(move || LocalCluster::launch(&job, &exe, resume)).await??
+    let (gang, cluster) = match hooks.gang {
+        Some(gang) => (gang, None),
+        None => {
+            let job = job.clone();
+            let cluster =
+                tokio::task::spawn_blocking(move || LocalCluster::launch(&job, &exe, resume))
+                    .await??;
+            let endpoints = cluster.endpoints();
+            let cluster = Arc::new(Mutex::new(cluster));
+            let supervisor = Box::new(LocalSupervisor(cluster.clone()));
+            (
+                Gang {
+                    endpoints,
+                    supervisor,
+                },
+                Some(cluster),
+            )
+        }
     };
-    let endpoints = cluster.endpoints();
-    let cluster = Arc::new(Mutex::new(cluster));
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let stop_rx = match hooks.stop {
         Some(stop) => stop,
@@ -192,10 +219,10 @@ async fn drive(
     };
     let mut controller = Controller::new(
         job.clone(),
-        endpoints,
+        gang.endpoints,
         events_tx,
         stop_rx,
-        Box::new(LocalSupervisor(cluster.clone())),
+        gang.supervisor,
     )?;
     let run = tokio::spawn(async move { controller.run().await });
     let display = Display::new(job.rollout.steps, quiet, job.objective_names());

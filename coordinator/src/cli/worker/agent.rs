@@ -1,0 +1,212 @@
+//! The pool worker: register, heartbeat, and keep the assigned service processes running.
+//!
+//! Failure model: while the coordinator is unreachable (a failover, a restart) the processes
+//! run on and heartbeats are retried. Once the worker has not been heard for longer than its
+//! lease, the coordinator has given its work away: it stops its processes (so no job ever runs
+//! twice) and registers again as soon as a coordinator answers.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use rlhf_proto::client::{Timeouts, channel};
+use rlhf_proto::process::ServiceProcess;
+use rlhf_proto::v1;
+use rlhf_proto::v1::worker_service_client::WorkerServiceClient;
+use tonic::transport::Channel;
+
+use crate::launcher::{READY, worker_process};
+
+/// This machine's host name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// One assigned process: its status as reported, and the process once started.
+struct Slot {
+    status: v1::AssignmentStatus,
+    process: Option<ServiceProcess>,
+    /// Taken away while it was starting: killed as soon as it is up.
+    stopped: bool,
+}
+
+type Running = HashMap<String, Arc<Mutex<Slot>>>;
+
+pub fn run(coordinator: &str, register: v1::RegisterWorkerRequest) -> Result<()> {
+    let exe = crate::cli::run::self_exe()?;
+    tokio::runtime::Runtime::new()?.block_on(serve(coordinator, register, exe))
+}
+
+async fn serve(coordinator: &str, register: v1::RegisterWorkerRequest, exe: PathBuf) -> Result<()> {
+    let timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        request: Duration::from_secs(10),
+    };
+    let ch: Channel = channel(coordinator, timeouts)
+        .with_context(|| format!("coordinator address {coordinator}"))?;
+    let mut client = WorkerServiceClient::new(ch);
+    let mut running: Running = HashMap::new();
+    loop {
+        let reply = match client.register(register.clone()).await {
+            Ok(reply) => reply.into_inner(),
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                bail!(
+                    "the coordinator refused to register this worker: {}",
+                    s.message()
+                )
+            }
+            Err(s) => {
+                tracing::warn!("registering with {coordinator}: {}", s.message());
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let id = reply.worker_id;
+        // Announced on stdout, like the services' ready line, for whoever started us.
+        println!("registered as {id} with {coordinator}");
+        eprintln!(
+            "worker {id} ({}) registered with {coordinator}",
+            register.role
+        );
+        let heartbeat = Duration::from_millis(reply.heartbeat_ms.max(100));
+        let lease = Duration::from_millis(reply.lease_ttl_ms);
+        let mut last_ok = Instant::now();
+        loop {
+            tokio::time::sleep(heartbeat).await;
+            let statuses = refresh(&running);
+            let request = v1::HeartbeatRequest {
+                worker_id: id.clone(),
+                statuses,
+            };
+            match client.heartbeat(request).await {
+                Ok(reply) => {
+                    last_ok = Instant::now();
+                    reconcile(
+                        &mut running,
+                        reply.into_inner().assignments,
+                        &exe,
+                        &register.address,
+                    );
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    eprintln!(
+                        "worker {id}: the coordinator no longer knows it; stopping its processes and registering again"
+                    );
+                    stop_all(&mut running);
+                    break;
+                }
+                Err(s) => {
+                    tracing::warn!("heartbeat to {coordinator}: {}", s.message());
+                    if last_ok.elapsed() > lease && !running.is_empty() {
+                        eprintln!(
+                            "worker {id}: not heard for {lease:?}; its work was given away: stopping its processes"
+                        );
+                        stop_all(&mut running);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Marks processes that exited since the last look, and returns every status.
+fn refresh(running: &Running) -> Vec<v1::AssignmentStatus> {
+    running
+        .values()
+        .map(|slot| {
+            let mut slot = slot.lock().expect("not poisoned");
+            let exited = slot
+                .process
+                .as_mut()
+                .is_some_and(ServiceProcess::has_exited);
+            if exited {
+                slot.process = None;
+                slot.status.state = "exited".into();
+                slot.status.detail = "the process exited".into();
+            }
+            slot.status.clone()
+        })
+        .collect()
+}
+
+/// Stops what was taken away or has a new generation; starts what is new.
+fn reconcile(
+    running: &mut Running,
+    assignments: Vec<v1::Assignment>,
+    exe: &std::path::Path,
+    host: &str,
+) {
+    let wanted: HashMap<&str, &v1::Assignment> =
+        assignments.iter().map(|a| (a.id.as_str(), a)).collect();
+    running.retain(|id, slot| {
+        let keep = wanted
+            .get(id.as_str())
+            .is_some_and(|a| a.generation == slot.lock().expect("not poisoned").status.generation);
+        if !keep {
+            stop(slot);
+        }
+        keep
+    });
+    for a in &assignments {
+        if running.contains_key(&a.id) {
+            continue;
+        }
+        let slot = Arc::new(Mutex::new(Slot {
+            status: v1::AssignmentStatus {
+                id: a.id.clone(),
+                generation: a.generation,
+                state: "starting".into(),
+                url: String::new(),
+                detail: String::new(),
+                pid: 0,
+            },
+            process: None,
+            stopped: false,
+        }));
+        running.insert(a.id.clone(), slot.clone());
+        let (exe, host, a) = (exe.to_path_buf(), host.to_string(), a.clone());
+        eprintln!("starting {} (generation {})", a.id, a.generation);
+        tokio::task::spawn_blocking(move || {
+            let log = PathBuf::from(&a.log_path);
+            let started = worker_process(&exe, &a.role, &a.args, &log, &host)
+                .and_then(|cmd| Ok(ServiceProcess::spawn(cmd, READY)?));
+            let mut slot = slot.lock().expect("not poisoned");
+            match started {
+                Ok(process) if slot.stopped => drop(process),
+                Ok(process) => {
+                    slot.status.state = "ready".into();
+                    slot.status.url = process.url();
+                    slot.status.pid = process.id();
+                    slot.process = Some(process);
+                }
+                Err(e) => {
+                    slot.status.state = "exited".into();
+                    slot.status.detail = format!("{e:#}");
+                }
+            }
+        });
+    }
+}
+
+fn stop(slot: &Arc<Mutex<Slot>>) {
+    let mut slot = slot.lock().expect("not poisoned");
+    slot.stopped = true;
+    if let Some(mut p) = slot.process.take() {
+        eprintln!("stopping {}", slot.status.id);
+        p.kill();
+    }
+}
+
+fn stop_all(running: &mut Running) {
+    for slot in running.values() {
+        stop(slot);
+    }
+    running.clear();
+}

@@ -1,0 +1,88 @@
+//! Helpers for tests of `rlhf coordinator`: start one, run the cluster CLI against it, submit
+//! jobs and wait for their states.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use rlhf_proto::process::ServiceProcess;
+
+use crate::{bin, tiny_job, wait_for};
+
+/// `rlhf coordinator` on a free loopback port with `store`, `state_dir` and `name`, plus `extra`
+/// arguments.
+pub fn coordinator(store: &str, state_dir: &Path, name: &str, extra: &[&str]) -> ServiceProcess {
+    let mut cmd = Command::new(bin("rlhf"));
+    cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--store", store])
+        .arg("--state-dir")
+        .arg(state_dir)
+        .args(["--name", name])
+        .args(extra)
+        .stderr(Stdio::null());
+    ServiceProcess::spawn(cmd, Duration::from_secs(60)).expect("the coordinator starts")
+}
+
+/// `rlhf ARGS` against the coordinator at `url`; asserts success.
+pub fn cli(url: &str, args: &[&str]) -> Output {
+    let out = Command::new(bin("rlhf"))
+        .args(args)
+        .env("RLHF_COORDINATOR", url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rlhf {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A tiny job in its own folder; `steps` and `priority` set, `extra` TOML appended.
+pub fn job(root: &Path, name: &str, steps: u64, priority: i32, extra: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = tiny_job(&dir, name, extra);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let text = format!(
+        "priority = {priority}\n{}",
+        text.replace("steps = 3", &format!("steps = {steps}"))
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Submits from the job file's folder (a relative path, as users type it); returns the job id.
+pub fn submit(url: &str, job: &Path) -> String {
+    let out = Command::new(bin("rlhf"))
+        .args(["submit", job.file_name().unwrap().to_str().unwrap()])
+        .current_dir(job.parent().unwrap())
+        .env("RLHF_COORDINATOR", url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `rlhf status ID --json`.
+pub fn status(url: &str, id: &str) -> serde_json::Value {
+    let out = cli(url, &["status", id, "--json"]);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Waits until job `id` is in `state`, failing fast if it failed instead.
+pub fn wait_state(url: &str, id: &str, state: &str, within: Duration) -> serde_json::Value {
+    let mut last = serde_json::Value::Null;
+    wait_for(&format!("{id} to be {state}"), within, || {
+        last = status(url, id);
+        assert!(
+            !(last["state"] == "failed" && state != "failed"),
+            "{id} failed: {last}"
+        );
+        last["state"] == state
+    });
+    last
+}

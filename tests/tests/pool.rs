@@ -1,0 +1,196 @@
+//! The worker pool end to end: `rlhf coordinator --launcher static` with `rlhf worker --role R
+//! --coordinator URL` processes that register themselves, on loopback, with both stores. Jobs
+//! wait for workers, run on them, survive a killed learner process and a killed actor worker,
+//! and give the workers back when they end.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use rlhf_tests::cluster::{cli, coordinator, job, status, submit, wait_state};
+use rlhf_tests::{Etcd, bin, metric_steps, signal, wait_for};
+
+/// A pool worker process, killed on drop.
+struct Agent(Child);
+
+impl Agent {
+    fn start(url: &str, role: &str, node: &str) -> Agent {
+        let child = Command::new(bin("rlhf"))
+            .args([
+                "worker",
+                "--role",
+                role,
+                "--coordinator",
+                url,
+                "--node",
+                node,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent(child)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn workers(url: &str) -> Vec<serde_json::Value> {
+    serde_json::from_slice(&cli(url, &["workers", "--json"]).stdout).unwrap()
+}
+
+/// The worker running assignment `<job>/<name>`, and that assignment.
+fn assignment(url: &str, job: &str, name: &str) -> Option<(serde_json::Value, serde_json::Value)> {
+    let id = format!("{job}/{name}");
+    workers(url).into_iter().find_map(|w| {
+        let a = w["assignments"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["id"] == id.as_str())
+            .cloned()?;
+        Some((w, a))
+    })
+}
+
+fn step(url: &str, id: &str) -> u64 {
+    status(url, id)["last_step"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_grpo_job_waits_for_workers_runs_on_them_and_frees_them_with_etcd() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("etcd://{}", etcd.endpoint);
+    let c = coordinator(
+        &store,
+        &dir.path().join("state"),
+        "c1",
+        &["--launcher", "static"],
+    );
+    let url = c.url();
+
+    // Submitted before any worker registered: it waits, and says for what.
+    let id = submit(
+        &url,
+        &job(dir.path(), "pooled", 3, 0, "[resources]\nactors = 2\n"),
+    );
+    wait_for("the waiting note", Duration::from_secs(30), || {
+        let s = status(&url, &id);
+        s["state"] == "queued"
+            && s["waiting"]
+                .as_str()
+                .unwrap()
+                .contains("needs 2 actor, 1 learner, 1 reward")
+    });
+
+    let _pool = [
+        Agent::start(&url, "reward", "n1"),
+        Agent::start(&url, "learner", "n1"),
+        Agent::start(&url, "actor", "n2"),
+        Agent::start(&url, "actor", "n3"),
+    ];
+    let done = wait_state(&url, &id, "succeeded", Duration::from_secs(300));
+    let placed = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["state"] == "placing")
+        .unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for node in ["n1-reward-1", "n1-learner-1", "n2-actor-1", "n3-actor-1"] {
+        assert!(placed.contains(node), "{placed}");
+    }
+    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    assert_eq!(metric_steps(&out), vec![1, 2, 3]);
+
+    // Every worker is listed, with its role and node, and free again.
+    wait_for(
+        "the workers to be released",
+        Duration::from_secs(30),
+        || {
+            workers(&url)
+                .iter()
+                .all(|w| w["assignments"].as_array().unwrap().is_empty())
+        },
+    );
+    let listed = workers(&url);
+    assert_eq!(listed.len(), 4, "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .any(|w| w["role"] == "learner" && w["node"] == "n1")
+    );
+    let table = String::from_utf8(cli(&url, &["workers"]).stdout).unwrap();
+    assert!(
+        table.contains("n2-actor-1") && table.contains("0/1"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}", dir.path().join("state/store.json").display());
+    // A short worker lease, so a lost worker is noticed within a few of this job's steps.
+    let c = coordinator(
+        &store,
+        &dir.path().join("state"),
+        "c1",
+        &["--launcher", "static", "--worker-ttl", "3"],
+    );
+    let url = c.url();
+    let _stable = [
+        Agent::start(&url, "reward", "n1"),
+        Agent::start(&url, "learner", "n1"),
+        Agent::start(&url, "actor", "n2"),
+    ];
+    let doomed = Agent::start(&url, "actor", "n3");
+    let ppo = "[learner]\nalgorithm = \"ppo\"\n[learner.ppo]\ncritic_lr = 1e-4\n[resources]\nactors = 2\n";
+    let id = submit(&url, &job(dir.path(), "ppo-pool", 60, 0, ppo));
+    wait_for("step 1", Duration::from_secs(180), || step(&url, &id) >= 1);
+
+    // The actor worker on n3 dies with its process: the other actor takes its prompts, and a
+    // worker that registers later is given the assignment, the weights, and joins.
+    let (lost, _) = assignment(&url, &id, "actor-1").expect("actor-1 is placed");
+    drop(doomed);
+    let _spare = Agent::start(&url, "actor", "n4");
+    wait_for(
+        "the spare worker to take actor-1",
+        Duration::from_secs(120),
+        || {
+            assignment(&url, &id, "actor-1").is_some_and(|(w, a)| {
+                w["id"] != lost["id"] && w["node"] == "n4" && a["state"] == "ready"
+            })
+        },
+    );
+
+    // The learner process is killed (its worker lives): it is restarted from its checkpoint.
+    let at = step(&url, &id);
+    wait_for(
+        "a step after the actor change",
+        Duration::from_secs(120),
+        || step(&url, &id) > at,
+    );
+    let (_, learner) = assignment(&url, &id, "learner-0").expect("the learner is placed");
+    assert_eq!(learner["generation"], 1);
+    signal(learner["pid"].as_u64().unwrap() as u32, "KILL");
+    wait_for("the learner's restart", Duration::from_secs(120), || {
+        assignment(&url, &id, "learner-0")
+            .is_some_and(|(_, a)| a["generation"] == 2 && a["state"] == "ready")
+    });
+
+    let done = wait_state(&url, &id, "succeeded", Duration::from_secs(400));
+    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    // Every step once, in order: none lost, none applied twice.
+    assert_eq!(metric_steps(&out), (1..=60).collect::<Vec<u64>>());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert!(metrics.contains("critic/value_loss"));
+}
