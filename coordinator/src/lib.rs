@@ -9,5 +9,6 @@ pub mod pipeline;
 pub mod plot;
 pub mod pool;
 pub mod service;
+pub mod slurm;
 pub mod state;
 pub mod store;

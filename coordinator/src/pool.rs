@@ -101,6 +101,18 @@ impl Status {
     }
 }
 
+/// A worker left the pool before its part of a gang was ready: the job can be placed again.
+#[derive(Debug)]
+pub struct WorkerLeft(pub String);
+
+impl std::fmt::Display for WorkerLeft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for WorkerLeft {}
+
 /// Why a heartbeat was refused.
 #[derive(Debug)]
 pub enum HeartbeatError {
@@ -195,6 +207,15 @@ impl Pool {
             Some(text) => Ok(Some(parse(&key, &text)?)),
             None => Ok(None),
         }
+    }
+
+    /// Removes a worker that is leaving (its lease is revoked: its record, assignments and
+    /// statuses go with it). Unknown workers are ignored.
+    pub async fn leave(&self, id: &str) -> Result<()> {
+        if let Some(w) = self.worker(id).await? {
+            self.store.revoke(w.lease).await?;
+        }
+        Ok(())
     }
 
     /// Renews the worker's lease, records what it reports, and returns what it should run.
@@ -404,11 +425,14 @@ impl Pool {
                         s.detail,
                         p.spec.log_path
                     ),
-                    _ if self.worker(&p.worker).await?.is_none() => bail!(
-                        "worker {} left the pool before {} was ready",
-                        p.worker,
-                        p.spec.id()
-                    ),
+                    _ if self.worker(&p.worker).await?.is_none() => {
+                        return Err(WorkerLeft(format!(
+                            "worker {} left the pool before {} was ready",
+                            p.worker,
+                            p.spec.id()
+                        ))
+                        .into());
+                    }
                     _ => {}
                 }
             }

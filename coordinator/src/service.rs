@@ -32,6 +32,7 @@ use crate::controller::{Event, Outcome};
 use crate::job::JobSpec;
 use crate::launcher::WorkerCommand;
 use crate::pool::{HeartbeatError, Placement, Pool, PoolGang};
+use crate::slurm::Slurm;
 use crate::state::{JobRecord, JobState, now};
 use crate::store::{AnyStore, StateStore, campaign};
 
@@ -55,6 +56,9 @@ pub struct StoredJob {
     /// Why a queued job is not placed yet (pool launchers), empty otherwise.
     #[serde(default)]
     pub waiting: String,
+    /// The Slurm job submitted for this job's workers (the `slurm` launcher), if any.
+    #[serde(default)]
+    pub slurm_job: String,
 }
 
 impl StoredJob {
@@ -98,6 +102,21 @@ pub enum LauncherKind {
     Local,
     /// Workers that registered themselves (`rlhf worker --coordinator URL`).
     Static,
+    /// As `static`, and the workers a job lacks are asked of Slurm (sbatch).
+    Slurm,
+}
+
+/// How a coordinator runs jobs.
+pub struct Settings {
+    pub launcher: LauncherKind,
+    /// Where jobs without an `output_dir` write (`<state-dir>/runs/<id>`).
+    pub state_dir: PathBuf,
+    /// Jobs run at once.
+    pub slots: usize,
+    /// How long a pool worker stays registered without a heartbeat.
+    pub worker_ttl: Duration,
+    /// Required by the `slurm` launcher.
+    pub slurm: Option<Slurm>,
 }
 
 /// The coordinator's shared state.
@@ -105,6 +124,7 @@ pub struct Coordinator {
     store: AnyStore,
     pool: Pool,
     launcher: LauncherKind,
+    slurm: Option<Slurm>,
     state_dir: PathBuf,
     slots: usize,
     /// Jobs this process runs: their stop switches.
@@ -117,20 +137,14 @@ fn internal(e: anyhow::Error) -> Status {
 }
 
 impl Coordinator {
-    /// `worker_ttl`: how long a pool worker stays registered without a heartbeat.
-    pub fn new(
-        store: AnyStore,
-        launcher: LauncherKind,
-        state_dir: PathBuf,
-        slots: usize,
-        worker_ttl: Duration,
-    ) -> Arc<Coordinator> {
+    pub fn new(store: AnyStore, settings: Settings) -> Arc<Coordinator> {
         Arc::new(Coordinator {
-            pool: Pool::new(store.clone(), worker_ttl),
-            launcher,
+            pool: Pool::new(store.clone(), settings.worker_ttl),
+            launcher: settings.launcher,
+            slurm: settings.slurm,
             store,
-            state_dir,
-            slots: slots.max(1),
+            state_dir: settings.state_dir,
+            slots: settings.slots.max(1),
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         })
@@ -258,7 +272,7 @@ impl Coordinator {
             let resume = job.record.state != JobState::Queued;
             let placed = match self.launcher {
                 LauncherKind::Local => None,
-                LauncherKind::Static => match self.place(job, resume).await {
+                LauncherKind::Static | LauncherKind::Slurm => match self.place(job, resume).await {
                     Ok(Some(placed)) => Some(placed),
                     // Strict order: a job waiting for workers is not overtaken.
                     Ok(None) => break,
@@ -314,11 +328,27 @@ impl Coordinator {
                     *need.entry(c.role).or_default() += 1;
                 }
                 let free = self.pool.free_capacity().await?;
-                let waiting = format!(
+                let mut waiting = format!(
                     "waiting for workers: needs {}; free now: {}",
                     counts(need.iter().map(|(r, n)| (*r, *n))),
                     counts(free.iter().map(|(r, n)| (r.as_str(), *n)))
                 );
+                if let Some(slurm) = &self.slurm {
+                    let batch = match job.slurm_job.is_empty() {
+                        false => job.slurm_job.clone(),
+                        true => {
+                            let missing: BTreeMap<String, usize> = need
+                                .iter()
+                                .map(|(r, n)| (r.to_string(), n.saturating_sub(free[*r])))
+                                .filter(|(_, n)| *n > 0)
+                                .collect();
+                            let batch = slurm.submit(id, &missing, &logs).await?;
+                            self.update(id, |j| j.slurm_job = batch.clone()).await?;
+                            batch
+                        }
+                    };
+                    waiting += &format!("; Slurm job {batch} starts the missing workers");
+                }
                 if job.waiting != waiting {
                     self.update(id, |j| j.waiting = waiting.clone()).await?;
                 }
@@ -398,6 +428,15 @@ impl Coordinator {
                         endpoints: g.endpoints,
                         supervisor: Box::new(g.supervisor),
                     }),
+                    Err(e) if e.downcast_ref::<crate::pool::WorkerLeft>().is_some() => {
+                        // Still placing and run by no one: the next pass places it again.
+                        let reason = format!("{e:#}; placing again");
+                        self.update(id, |j| {
+                            let _ = j.record.transition(JobState::Placing, reason.clone());
+                        })
+                        .await?;
+                        return Ok(());
+                    }
                     Err(e) => return self.finish(id, Err(e)).await,
                 }
             }
@@ -552,6 +591,7 @@ impl JobService for JobApi {
                 metrics: BTreeMap::new(),
                 cancel_requested: false,
                 waiting: String::new(),
+                slurm_job: String::new(),
             };
             let text = serde_json::to_string(&job).map_err(|e| internal(e.into()))?;
             if c.store
@@ -719,6 +759,16 @@ impl WorkerService for WorkerApi {
             Err(HeartbeatError::Unknown(m)) => Err(Status::not_found(m)),
             Err(HeartbeatError::Store(e)) => Err(internal(e)),
         }
+    }
+
+    async fn leave(
+        &self,
+        request: Request<v1::LeaveRequest>,
+    ) -> Result<Response<v1::LeaveReply>, Status> {
+        let id = request.into_inner().worker_id;
+        self.0.leave(&id).await.map_err(internal)?;
+        tracing::info!(id, "worker left");
+        Ok(Response::new(v1::LeaveReply {}))
     }
 
     async fn list_workers(

@@ -12,7 +12,19 @@ use crate::{bin, tiny_job, wait_for};
 /// `rlhf coordinator` on a free loopback port with `store`, `state_dir` and `name`, plus `extra`
 /// arguments.
 pub fn coordinator(store: &str, state_dir: &Path, name: &str, extra: &[&str]) -> ServiceProcess {
+    coordinator_with(store, state_dir, name, extra, &[])
+}
+
+/// [`coordinator`] with extra environment variables.
+pub fn coordinator_with(
+    store: &str,
+    state_dir: &Path,
+    name: &str,
+    extra: &[&str],
+    env: &[(&str, String)],
+) -> ServiceProcess {
     let mut cmd = Command::new(bin("rlhf"));
+    cmd.envs(env.iter().map(|(k, v)| (k, v)));
     cmd.args(["coordinator", "--listen", "127.0.0.1:0", "--store", store])
         .arg("--state-dir")
         .arg(state_dir)

@@ -194,3 +194,86 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("critic/value_loss"));
 }
+
+/// Stand-ins for Slurm's `sbatch` and `srun` (Slurm cannot run here): `sbatch` runs the script
+/// in the background on this machine (detached from sbatch's output, as Slurm's jobs are) and
+/// prints a job id; `srun` drops its options and runs the
+/// step's command with `SLURMD_NODENAME` set, as one task. Written into `dir`.
+fn fake_slurm(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).unwrap();
+    let sbatch = r#"#!/bin/bash
+here="$(dirname "$0")"
+script="${@: -1}"
+cp "$script" "$here/submitted.sbatch"
+(bash "$script" > "$here/job.out" 2>&1; echo $? > "$here/job.exit") < /dev/null > /dev/null 2>&1 &
+echo "4242;cluster"
+"#;
+    let srun = r#"#!/bin/bash
+while [[ "$1" == --* ]]; do shift; done
+SLURMD_NODENAME=localhost exec "$@"
+"#;
+    for (name, text) in [("sbatch", sbatch), ("srun", srun)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+#[test]
+fn slurm_launcher_with_fake_sbatch_and_srun_starts_the_missing_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("fake-slurm");
+    fake_slurm(&fake);
+    let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap());
+    let state = dir.path().join("state");
+    let store = format!("embedded:{}", state.join("store.json").display());
+    let c = rlhf_tests::cluster::coordinator_with(
+        &store,
+        &state,
+        "c1",
+        &[
+            "--launcher",
+            "slurm",
+            "--slurm-idle-exit",
+            "5",
+            "--slurm-option=--partition=debug",
+        ],
+        &[("PATH", path)],
+    );
+    let url = c.url();
+    // One worker is already in the pool: Slurm is asked only for the others.
+    let _reward = Agent::start(&url, "reward", "n1");
+    wait_for("the reward worker", Duration::from_secs(30), || {
+        workers(&url).len() == 1
+    });
+    let id = submit(&url, &job(dir.path(), "slurm", 2, 0, ""));
+    let done = wait_state(&url, &id, "succeeded", Duration::from_secs(300));
+    let script = std::fs::read_to_string(fake.join("submitted.sbatch")).unwrap();
+    assert!(
+        script.contains(&format!("#SBATCH --job-name=rlhf-{id}")),
+        "{script}"
+    );
+    assert!(
+        script.contains("#SBATCH --ntasks=2\n#SBATCH --output="),
+        "{script}"
+    );
+    assert!(script.contains("#SBATCH --partition=debug"), "{script}");
+    assert_eq!(script.matches("srun --ntasks=1").count(), 2, "{script}");
+    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    assert_eq!(metric_steps(&out), vec![1, 2]);
+    // The Slurm-started workers ran the job, then left when idle, ending the batch job.
+    wait_for("the batch job to end", Duration::from_secs(60), || {
+        fake.join("job.exit").is_file()
+    });
+    assert_eq!(
+        std::fs::read_to_string(fake.join("job.exit"))
+            .unwrap()
+            .trim(),
+        "0",
+        "{}",
+        std::fs::read_to_string(fake.join("job.out")).unwrap_or_default()
+    );
+    let left = workers(&url);
+    assert_eq!(left.len(), 1, "only the reward worker stays: {left:?}");
+}

@@ -12,7 +12,8 @@ use rlhf_proto::v1::job_service_client::JobServiceClient;
 use rlhf_proto::v1::worker_service_client::WorkerServiceClient;
 use tonic::transport::Channel;
 
-use crate::service::{Coordinator, LauncherKind, default_state_dir, serve};
+use crate::service::{Coordinator, LauncherKind, Settings, default_state_dir, serve};
+use crate::slurm::Slurm;
 use crate::store::AnyStore;
 
 #[derive(Debug, Args)]
@@ -40,6 +41,18 @@ pub struct CoordinatorArgs {
     /// gone, its processes are replaced on other workers.
     #[arg(long, default_value_t = 10.0)]
     pub worker_ttl: f64,
+    /// Where workers reach this coordinator (default: `http://HOST:PORT` of `--listen`, with
+    /// this machine's name when listening on every interface).
+    #[arg(long)]
+    pub advertise_url: Option<String>,
+    /// `slurm` launcher: an `#SBATCH` option for the worker jobs (repeatable), e.g.
+    /// `--slurm-option=--partition=gpu`.
+    #[arg(long = "slurm-option", allow_hyphen_values = true)]
+    pub slurm_options: Vec<String>,
+    /// `slurm` launcher: seconds a Slurm-started worker waits idle before it exits (ending
+    /// its allocation).
+    #[arg(long, default_value_t = 120)]
+    pub slurm_idle_exit: u64,
 }
 
 /// Where the coordinator is.
@@ -105,13 +118,34 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         if !(args.worker_ttl.is_finite() && args.worker_ttl > 0.0) {
             anyhow::bail!("--worker-ttl {}: expected seconds > 0", args.worker_ttl);
         }
-        let c = Coordinator::new(
-            store,
-            args.launcher,
+        let address = listener.local_addr()?;
+        let advertise = args.advertise_url.clone().unwrap_or_else(|| {
+            let host = if address.ip().is_unspecified() {
+                crate::cli::worker::host_name()
+            } else {
+                address.ip().to_string()
+            };
+            format!("http://{host}:{}", address.port())
+        });
+        let slurm = (args.launcher == LauncherKind::Slurm)
+            .then(|| -> Result<Slurm> {
+                Ok(Slurm {
+                    coordinator_url: advertise,
+                    rlhf: std::env::current_exe().context("locating the rlhf binary")?,
+                    options: args.slurm_options.clone(),
+                    dir: state_dir.join("slurm"),
+                    idle_exit: Duration::from_secs(args.slurm_idle_exit),
+                })
+            })
+            .transpose()?;
+        let settings = Settings {
+            launcher: args.launcher,
             state_dir,
-            args.slots,
-            Duration::from_secs_f64(args.worker_ttl),
-        );
+            slots: args.slots,
+            worker_ttl: Duration::from_secs_f64(args.worker_ttl),
+            slurm,
+        };
+        let c = Coordinator::new(store, settings);
         serve(c, name, listener).await
     })
 }

@@ -29,6 +29,24 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// The IP address of `host` (services bind to an IP; an IPv4 one is preferred).
+pub fn resolve(host: &str) -> Result<String> {
+    use std::net::ToSocketAddrs;
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(host.to_string());
+    }
+    let addrs: Vec<std::net::SocketAddr> = (host, 0)
+        .to_socket_addrs()
+        .with_context(|| format!("--advertise {host}: cannot resolve it"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .map(|a| a.ip().to_string())
+        .with_context(|| format!("--advertise {host}: no address"))
+}
+
 /// One assigned process: its status as reported, and the process once started.
 struct Slot {
     status: v1::AssignmentStatus,
@@ -39,22 +57,81 @@ struct Slot {
 
 type Running = HashMap<String, Arc<Mutex<Slot>>>;
 
-pub fn run(coordinator: &str, register: v1::RegisterWorkerRequest) -> Result<()> {
+/// Runs the pool worker until it is killed or, with `idle_exit`, has had no assignment for that
+/// long.
+pub fn run(
+    coordinator: &str,
+    mut register: v1::RegisterWorkerRequest,
+    idle_exit: Option<Duration>,
+) -> Result<()> {
+    register.address = resolve(&register.address)?;
     let exe = crate::cli::run::self_exe()?;
-    tokio::runtime::Runtime::new()?.block_on(serve(coordinator, register, exe))
+    tokio::runtime::Runtime::new()?.block_on(serve(coordinator, register, exe, idle_exit))
 }
 
-async fn serve(coordinator: &str, register: v1::RegisterWorkerRequest, exe: PathBuf) -> Result<()> {
-    let timeouts = Timeouts {
-        connect: Duration::from_secs(5),
-        request: Duration::from_secs(10),
-    };
-    let ch: Channel = channel(coordinator, timeouts)
-        .with_context(|| format!("coordinator address {coordinator}"))?;
-    let mut client = WorkerServiceClient::new(ch);
+/// Clients of every coordinator given (`URL[,URL…]`): a worker follows whichever answers, so
+/// it keeps its work across a failover to a standby.
+struct Coordinators {
+    urls: Vec<String>,
+    clients: Vec<WorkerServiceClient<Channel>>,
+    current: usize,
+}
+
+impl Coordinators {
+    fn new(list: &str) -> Result<Coordinators> {
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5),
+            request: Duration::from_secs(10),
+        };
+        let urls: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(String::from)
+            .collect();
+        if urls.is_empty() {
+            bail!("--coordinator: no address given");
+        }
+        let clients = urls
+            .iter()
+            .map(|u| {
+                let ch =
+                    channel(u, timeouts).with_context(|| format!("coordinator address {u}"))?;
+                Ok(WorkerServiceClient::new(ch))
+            })
+            .collect::<Result<_>>()?;
+        Ok(Coordinators {
+            urls,
+            clients,
+            current: 0,
+        })
+    }
+
+    fn client(&mut self) -> &mut WorkerServiceClient<Channel> {
+        &mut self.clients[self.current]
+    }
+
+    fn url(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// After a failed call: try the next coordinator.
+    fn rotate(&mut self) {
+        self.current = (self.current + 1) % self.urls.len();
+    }
+}
+
+async fn serve(
+    coordinator: &str,
+    register: v1::RegisterWorkerRequest,
+    exe: PathBuf,
+    idle_exit: Option<Duration>,
+) -> Result<()> {
+    let mut coordinators = Coordinators::new(coordinator)?;
     let mut running: Running = HashMap::new();
+    let mut idle_since = Instant::now();
     loop {
-        let reply = match client.register(register.clone()).await {
+        let reply = match coordinators.client().register(register.clone()).await {
             Ok(reply) => reply.into_inner(),
             Err(s) if s.code() == tonic::Code::InvalidArgument => {
                 bail!(
@@ -63,29 +140,41 @@ async fn serve(coordinator: &str, register: v1::RegisterWorkerRequest, exe: Path
                 )
             }
             Err(s) => {
-                tracing::warn!("registering with {coordinator}: {}", s.message());
+                tracing::warn!("registering with {}: {}", coordinators.url(), s.message());
+                coordinators.rotate();
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
         let id = reply.worker_id;
         // Announced on stdout, like the services' ready line, for whoever started us.
-        println!("registered as {id} with {coordinator}");
+        println!("registered as {id} with {}", coordinators.url());
         eprintln!(
-            "worker {id} ({}) registered with {coordinator}",
-            register.role
+            "worker {id} ({}) registered with {}",
+            register.role,
+            coordinators.url()
         );
         let heartbeat = Duration::from_millis(reply.heartbeat_ms.max(100));
         let lease = Duration::from_millis(reply.lease_ttl_ms);
         let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(heartbeat).await;
+            if !running.is_empty() {
+                idle_since = Instant::now();
+            } else if idle_exit.is_some_and(|idle| idle_since.elapsed() >= idle) {
+                eprintln!("worker {id}: idle for {idle_exit:?}; leaving the pool");
+                let leave = v1::LeaveRequest { worker_id: id };
+                if let Err(s) = coordinators.client().leave(leave).await {
+                    tracing::warn!("leaving: {} (the lease will expire)", s.message());
+                }
+                return Ok(());
+            }
             let statuses = refresh(&running);
             let request = v1::HeartbeatRequest {
                 worker_id: id.clone(),
                 statuses,
             };
-            match client.heartbeat(request).await {
+            match coordinators.client().heartbeat(request).await {
                 Ok(reply) => {
                     last_ok = Instant::now();
                     reconcile(
@@ -103,7 +192,8 @@ async fn serve(coordinator: &str, register: v1::RegisterWorkerRequest, exe: Path
                     break;
                 }
                 Err(s) => {
-                    tracing::warn!("heartbeat to {coordinator}: {}", s.message());
+                    tracing::warn!("heartbeat to {}: {}", coordinators.url(), s.message());
+                    coordinators.rotate();
                     if last_ok.elapsed() > lease && !running.is_empty() {
                         eprintln!(
                             "worker {id}: not heard for {lease:?}; its work was given away: stopping its processes"

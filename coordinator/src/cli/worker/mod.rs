@@ -13,6 +13,8 @@ use clap::{Args, Parser, ValueEnum};
 
 mod agent;
 
+pub use agent::host_name;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
     Actor,
@@ -24,20 +26,24 @@ pub enum Role {
 pub struct WorkerArgs {
     #[arg(long, value_enum)]
     role: Role,
-    /// Join the pool of this coordinator (e.g. `http://10.0.0.1:50070`) instead of serving
-    /// one process.
+    /// Join the pool of this coordinator (e.g. `http://10.0.0.1:50070`; several, comma
+    /// separated, to follow a failover to a standby) instead of serving one process.
     #[arg(long)]
     coordinator: Option<String>,
     /// Pool worker: this machine's name (default: the host name).
     #[arg(long)]
     node: Option<String>,
-    /// Pool worker: the host its services bind and are reached on (this machine's address as
-    /// the coordinator and the other workers see it).
+    /// Pool worker: the host its services bind and are reached on (this machine's address or
+    /// name as the coordinator and the other workers see it; a name is resolved to its IP).
     #[arg(long, default_value = "127.0.0.1")]
     advertise: String,
     /// Pool worker: assignments it runs at once.
     #[arg(long, default_value_t = 1)]
     capacity: u32,
+    /// Pool worker: exit after this many seconds without an assignment (Slurm-started
+    /// workers, so their allocation ends with the job).
+    #[arg(long, value_name = "SECS")]
+    exit_when_idle: Option<u64>,
     /// Pool worker: accelerators it may use (e.g. `cuda:0,cuda:1`).
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
@@ -108,7 +114,8 @@ pub fn run(w: WorkerArgs) -> Result<()> {
             devices: w.devices.clone(),
             capacity: w.capacity,
         };
-        return agent::run(coordinator, register);
+        let idle = w.exit_when_idle.map(std::time::Duration::from_secs);
+        return agent::run(coordinator, register, idle);
     }
     #[cfg(unix)]
     exit_with_parent();

@@ -1,0 +1,149 @@
+//! The `slurm` launcher: pool placement (as `static`), plus, for a job the pool cannot hold, an
+//! sbatch script that asks Slurm for the missing workers. Each srun step is one
+//! `rlhf worker --role R --coordinator URL` on the node Slurm picked; it registers, is placed,
+//! and exits once it has been idle for a while, so the allocation ends with the job.
+//!
+//! Assumptions (as on any Slurm cluster running one program across nodes): the `rlhf` binary,
+//! the models and the job's output folder are on a filesystem every node mounts at the same
+//! path, node names resolve between nodes, and the compute nodes reach the coordinator at
+//! `--advertise-url`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+/// How the coordinator submits workers to Slurm.
+#[derive(Debug, Clone)]
+pub struct Slurm {
+    /// Where the workers reach the coordinator.
+    pub coordinator_url: String,
+    /// The `rlhf` binary the workers run.
+    pub rlhf: PathBuf,
+    /// Extra `#SBATCH` options, e.g. `--partition=gpu`, `--gpus-per-task=1`.
+    pub options: Vec<String>,
+    /// Where the scripts are written (`<state-dir>/slurm`).
+    pub dir: PathBuf,
+    /// A worker exits after this long without an assignment.
+    pub idle_exit: Duration,
+}
+
+/// How long `sbatch` may take.
+const SBATCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Single-quotes `s` for bash.
+fn quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+impl Slurm {
+    /// The batch script that starts `workers` (role → count) for `job`, logging to `logs`.
+    pub fn script(&self, job: &str, workers: &BTreeMap<String, usize>, logs: &Path) -> String {
+        let tasks: usize = workers.values().sum();
+        let mut s = String::from("#!/bin/bash\n");
+        s += &format!("#SBATCH --job-name=rlhf-{job}\n");
+        s += &format!("#SBATCH --ntasks={tasks}\n");
+        s += &format!("#SBATCH --output={}\n", logs.join("slurm-%j.out").display());
+        for option in &self.options {
+            s += &format!("#SBATCH {option}\n");
+        }
+        s += "# Written by `rlhf coordinator --launcher slurm`: one srun step per worker; each\n";
+        s += "# registers with the coordinator, runs what it is assigned, exits when idle.\n";
+        s += "set -u\n";
+        let worker = format!(
+            "exec {} worker --role \"$0\" --coordinator {} --node \"$SLURMD_NODENAME\" --advertise \"$SLURMD_NODENAME\" --exit-when-idle {}",
+            quote(&self.rlhf.display().to_string()),
+            quote(&self.coordinator_url),
+            self.idle_exit.as_secs()
+        );
+        for (role, n) in workers {
+            for _ in 0..*n {
+                s += &format!(
+                    "srun --ntasks=1 --nodes=1 --exact bash -c {} {role} &\n",
+                    quote(&worker)
+                );
+            }
+        }
+        s += "wait\n";
+        s
+    }
+
+    /// Writes the script for `job` and submits it; returns Slurm's job id.
+    pub async fn submit(
+        &self,
+        job: &str,
+        workers: &BTreeMap<String, usize>,
+        logs: &Path,
+    ) -> Result<String> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
+        let path = self.dir.join(format!("{job}.sbatch"));
+        std::fs::write(&path, self.script(job, workers, logs))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let run = tokio::process::Command::new("sbatch")
+            .arg("--parsable")
+            .arg(&path)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(SBATCH_TIMEOUT, run)
+            .await
+            .with_context(|| format!("sbatch {} took over {SBATCH_TIMEOUT:?}", path.display()))?
+            .with_context(
+                || "running `sbatch` (is Slurm installed on the coordinator's machine?)",
+            )?;
+        if !out.status.success() {
+            bail!(
+                "sbatch {} failed ({}): {}",
+                path.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        // `--parsable` prints `JOBID` or `JOBID;CLUSTER`.
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let id = stdout
+            .trim()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if id.is_empty() {
+            bail!("sbatch {} printed no job id", path.display());
+        }
+        Ok(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_script_asks_for_one_task_per_missing_worker() {
+        let slurm = Slurm {
+            coordinator_url: "http://head:50070".into(),
+            rlhf: "/shared/bin/rlhf".into(),
+            options: vec!["--partition=gpu".into(), "--gpus-per-task=1".into()],
+            dir: "/tmp".into(),
+            idle_exit: Duration::from_secs(120),
+        };
+        let workers = BTreeMap::from([("actor".to_string(), 2), ("learner".to_string(), 1)]);
+        let s = slurm.script("grpo-1", &workers, Path::new("/shared/runs/grpo-1/logs"));
+        assert!(s.starts_with("#!/bin/bash\n#SBATCH --job-name=rlhf-grpo-1\n#SBATCH --ntasks=3\n"));
+        assert!(s.contains("#SBATCH --output=/shared/runs/grpo-1/logs/slurm-%j.out\n"));
+        assert!(s.contains("#SBATCH --partition=gpu\n#SBATCH --gpus-per-task=1\n"));
+        assert_eq!(s.matches("srun --ntasks=1").count(), 3);
+        assert_eq!(s.matches("' actor &\n").count(), 2);
+        assert_eq!(s.matches("' learner &\n").count(), 1);
+        assert!(s.contains("exec '\\''/shared/bin/rlhf'\\'' worker"), "{s}");
+        assert!(s.contains("--exit-when-idle 120"));
+        assert!(s.ends_with("wait\n"));
+    }
+
+    #[test]
+    fn quoting_survives_single_quotes() {
+        assert_eq!(quote("a'b"), r"'a'\''b'");
+    }
+}
