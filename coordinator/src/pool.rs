@@ -134,6 +134,13 @@ impl Placement {
     }
 }
 
+/// The first generation of a new placement: the time in milliseconds, so a job placed again (by
+/// a coordinator that took over) never matches what a worker still runs from before, and the
+/// worker restarts it rather than keep a process the new controller knows nothing of.
+fn placement_generation() -> u64 {
+    (now() * 1000.0) as u64
+}
+
 /// The pool over a state store.
 #[derive(Clone)]
 pub struct Pool {
@@ -382,7 +389,7 @@ impl Pool {
                     index: c.index as u32,
                     args: c.args.clone(),
                     log_path: logs.join(format!("{}.log", c.name())).display().to_string(),
-                    generation: 1,
+                    generation: placement_generation(),
                 },
             };
             if let Err(e) = self.assign(&placement, worker.lease).await {

@@ -267,6 +267,11 @@ impl Coordinator {
         queued.sort_by(order);
         for job in orphans.into_iter().chain(queued) {
             if running.len() >= self.slots {
+                let note = format!(
+                    "waiting for a slot: {} job(s) run at once (--slots)",
+                    self.slots
+                );
+                self.set_waiting(job, note).await?;
                 break;
             }
             let resume = job.record.state != JobState::Queued;
@@ -297,6 +302,15 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Records why a queued job waits (empty: it does not), when that changed.
+    async fn set_waiting(&self, job: &StoredJob, note: String) -> Result<()> {
+        if job.waiting != note {
+            self.update(&job.record.id, |j| j.waiting = note.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Places `job`'s gang on pool workers: `Ok(None)` (and the job's `waiting` note set)
     /// when the pool is too small now. Assignments a previous coordinator left for the job are
     /// taken back first.
@@ -314,9 +328,7 @@ impl Coordinator {
         let logs = spec.output_dir().join("logs");
         match self.pool.place(id, &commands, &logs).await? {
             Some(placements) => {
-                if !job.waiting.is_empty() {
-                    self.update(id, |j| j.waiting.clear()).await?;
-                }
+                self.set_waiting(job, String::new()).await?;
                 Ok(Some(Placed {
                     commands,
                     placements,
@@ -349,9 +361,7 @@ impl Coordinator {
                     };
                     waiting += &format!("; Slurm job {batch} starts the missing workers");
                 }
-                if job.waiting != waiting {
-                    self.update(id, |j| j.waiting = waiting.clone()).await?;
-                }
+                self.set_waiting(job, waiting).await?;
                 Ok(None)
             }
         }

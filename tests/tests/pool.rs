@@ -133,6 +133,29 @@ fn a_grpo_job_waits_for_workers_runs_on_them_and_frees_them_with_etcd() {
         table.contains("n2-actor-1") && table.contains("0/1"),
         "{table}"
     );
+
+    // Two jobs, one pool that holds one gang: the second waits until a cancel frees it.
+    let long = submit(
+        &url,
+        &job(dir.path(), "long", 500, 0, "[resources]\nactors = 2\n"),
+    );
+    wait_for(
+        "the long job's first step",
+        Duration::from_secs(120),
+        || step(&url, &long) >= 1,
+    );
+    let short = submit(&url, &job(dir.path(), "short", 2, 0, ""));
+    wait_for("the short job to wait", Duration::from_secs(30), || {
+        status(&url, &short)["waiting"]
+            .as_str()
+            .unwrap()
+            .contains("free now: 0 actor, 0 learner, 0 reward")
+    });
+    cli(&url, &["cancel", &long]);
+    let cancelled = wait_state(&url, &long, "cancelled", Duration::from_secs(120));
+    assert!(cancelled["last_step"].as_u64().unwrap() < 500);
+    let short_done = wait_state(&url, &short, "succeeded", Duration::from_secs(240));
+    assert!(entered(&short_done, "placing") >= entered(&cancelled, "cancelled") - 1.0);
 }
 
 #[test]
@@ -180,11 +203,11 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
         || step(&url, &id) > at,
     );
     let (_, learner) = assignment(&url, &id, "learner-0").expect("the learner is placed");
-    assert_eq!(learner["generation"], 1);
+    let generation = learner["generation"].as_u64().unwrap();
     signal(learner["pid"].as_u64().unwrap() as u32, "KILL");
     wait_for("the learner's restart", Duration::from_secs(120), || {
         assignment(&url, &id, "learner-0")
-            .is_some_and(|(_, a)| a["generation"] == 2 && a["state"] == "ready")
+            .is_some_and(|(_, a)| a["generation"] == generation + 1 && a["state"] == "ready")
     });
 
     let done = wait_state(&url, &id, "succeeded", Duration::from_secs(400));
@@ -276,4 +299,55 @@ fn slurm_launcher_with_fake_sbatch_and_srun_starts_the_missing_workers() {
     );
     let left = workers(&url);
     assert_eq!(left.len(), 1, "only the reward worker stays: {left:?}");
+}
+
+/// When the job first entered `state` (unix seconds).
+fn entered(info: &serde_json::Value, state: &str) -> f64 {
+    info["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["state"] == state)
+        .and_then(|h| h["at"].as_f64())
+        .unwrap_or_else(|| panic!("never {state}: {info}"))
+}
+
+#[test]
+fn pool_workers_follow_a_standby_coordinator_that_takes_over_with_etcd() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("etcd://{}", etcd.endpoint);
+    let state = dir.path().join("state");
+    let args = ["--launcher", "static", "--worker-ttl", "4"];
+    let mut active = coordinator(&store, &state, "active", &args);
+    let standby = coordinator(&store, &state, "standby", &args);
+    let both = format!("{},{}", active.url(), standby.url());
+    let _pool = [
+        Agent::start(&both, "reward", "n1"),
+        Agent::start(&both, "learner", "n1"),
+        Agent::start(&both, "actor", "n2"),
+    ];
+    let url = standby.url();
+    let id = submit(&url, &job(dir.path(), "failover", 40, 0, ""));
+    wait_for("two steps", Duration::from_secs(120), || {
+        step(&url, &id) >= 2
+    });
+    active.kill();
+    let done = wait_state(&url, &id, "succeeded", Duration::from_secs(300));
+    assert!(
+        done["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["reason"]
+                .as_str()
+                .unwrap()
+                .contains("resuming from the last checkpoint")),
+        "{done}"
+    );
+    // No step twice; the line of the step in flight when the active one died can be missing.
+    let steps = metric_steps(&PathBuf::from(done["output_dir"].as_str().unwrap()));
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&40), "{steps:?}");
+    assert!(steps.len() >= 39, "{steps:?}");
 }

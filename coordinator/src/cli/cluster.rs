@@ -27,9 +27,10 @@ pub struct CoordinatorArgs {
     /// Where jobs without an `output_dir` write (`<state-dir>/runs/<id>`).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    /// Jobs run at once on this machine.
-    #[arg(long, default_value_t = 1)]
-    pub slots: usize,
+    /// Jobs run at once (default: 1 with the local launcher, whose jobs share this machine;
+    /// 64 with the pool launchers, whose jobs are limited by the workers' capacity).
+    #[arg(long)]
+    pub slots: Option<usize>,
     /// This coordinator's name in the election (default: host and pid).
     #[arg(long)]
     pub name: Option<String>,
@@ -141,7 +142,10 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         let settings = Settings {
             launcher: args.launcher,
             state_dir,
-            slots: args.slots,
+            slots: args.slots.unwrap_or(match args.launcher {
+                LauncherKind::Local => 1,
+                LauncherKind::Static | LauncherKind::Slurm => 64,
+            }),
             worker_ttl: Duration::from_secs_f64(args.worker_ttl),
             slurm,
         };
