@@ -4,10 +4,12 @@
 //! embedded store; with etcd, standbys wait and the first to win after the active one dies takes
 //! over).
 //!
-//! Scheduling: up to `slots` jobs run at once on this machine, each as a gang (all of its
-//! workers started together by the local launcher, or none); queued jobs start by priority
-//! (higher first), then submission order. A job found placing/calibrating/running that no live
-//! coordinator runs (the previous active one died) is resumed from its last checkpoint first.
+//! Scheduling: up to `slots` jobs run at once, each as a gang (all of its workers or none):
+//! started here by the local launcher, or placed on registered pool workers (`static`, `slurm`;
+//! see [`crate::pool`]). Queued jobs start by priority (higher first), then submission order; a
+//! job that waits for workers or a slot is not overtaken, and its record says what it waits for.
+//! A job found placing/calibrating/running that no live coordinator runs (the previous active
+//! one died) is resumed from its last checkpoint first.
 //! Cancel: a queued job is cancelled at once; a running one checkpoints, stops, and its workers
 //! exit, freeing the slot. Any coordinator answers reads and accepts submissions and cancels
 //! (a cancel of a running job is a flag in the store that the active coordinator acts on).
