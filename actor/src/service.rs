@@ -167,6 +167,22 @@ fn generation_params(s: &v1::SamplingParams, seed: u64) -> Result<GenerationPara
     })
 }
 
+/// The reward server of a request, and how long one Score call may take.
+#[derive(Clone)]
+struct Scorer {
+    client: RewardServiceClient<Channel>,
+    timeout: Duration,
+}
+
+/// One Score call's deadline: the request's `reward_timeout_seconds`, 60 s when unset.
+fn score_timeout(seconds: f64) -> Duration {
+    if seconds.is_finite() && seconds > 0.0 {
+        Duration::from_secs_f64(seconds)
+    } else {
+        Duration::from_secs(60)
+    }
+}
+
 /// Retries `f` with exponential backoff on retryable statuses. An unreachable or slow service
 /// (`UNAVAILABLE`, `DEADLINE_EXCEEDED`) gets 4 attempts, so a dead server fails the step
 /// quickly; an overloaded one (`RESOURCE_EXHAUSTED`, its queue is full) is backpressure, not
@@ -277,7 +293,10 @@ impl RolloutService for Actor {
         // Post-process each finished sequence concurrently: score, push, stream out.
         let reward = (!r.reward_address.is_empty()).then(|| r.reward_address.clone());
         let reward_client = match &reward {
-            Some(a) => Some(self.reward_client(a).await?),
+            Some(a) => Some(Scorer {
+                client: self.reward_client(a).await?,
+                timeout: score_timeout(r.reward_timeout_seconds),
+            }),
             None => None,
         };
         let mut learner_clients = Vec::new();
@@ -399,7 +418,7 @@ async fn finish(
     ctx: &PromptContext,
     f: Finished,
     tokenizer: &Tokenizer,
-    reward: Option<RewardServiceClient<Channel>>,
+    reward: Option<Scorer>,
     learners: &[(String, LearnerServiceClient<Channel>)],
     job_id: &str,
     step: u64,
@@ -409,7 +428,11 @@ async fn finish(
         .map_err(|e| Status::internal(e.to_string()))?;
     let started = Instant::now();
     let mut rewards = Vec::new();
-    if let Some(client) = reward {
+    if let Some(Scorer {
+        client,
+        timeout: score_timeout,
+    }) = reward
+    {
         let prompt = match &ctx.prompt.content {
             Some(v1::prompt_input::Content::Text(t)) => v1::sample::Prompt::PromptText(t.clone()),
             Some(v1::prompt_input::Content::Messages(m)) => {
@@ -428,10 +451,17 @@ async fn finish(
             let mut c = client.clone();
             let sample = sample.clone();
             async move {
-                c.score(v1::ScoreRequest {
+                let call = c.score(v1::ScoreRequest {
                     samples: vec![sample],
-                })
-                .await
+                });
+                // A client-side deadline: a stalled server (stopped, deadlocked) may never
+                // answer, and the channel's own timeout is the generous default.
+                match tokio::time::timeout(score_timeout, call).await {
+                    Ok(reply) => reply,
+                    Err(_) => Err(Status::deadline_exceeded(format!(
+                        "no answer within {score_timeout:?}"
+                    ))),
+                }
             }
         })
         .await?;

@@ -12,6 +12,7 @@ use rlhf_proto::process::ServiceProcess;
 use rlhf_proto::v1;
 use rlhf_proto::v1::rollout_service_client::RolloutServiceClient;
 use rlhf_proto::weights::{WireTensor, to_chunks};
+use rlhf_tests::http_get;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
@@ -69,6 +70,7 @@ fn request(prompts: Vec<v1::PromptInput>, s: v1::SamplingParams) -> v1::Generate
         min_weight_version: 0,
         reward_address: String::new(),
         learner_addresses: vec![],
+        reward_timeout_seconds: 0.0,
     }
 }
 
@@ -198,20 +200,6 @@ async fn many_concurrent_requests_equal_their_one_at_a_time_results() {
         metrics.contains("rlhf_actor_generated_tokens_total"),
         "{metrics}"
     );
-}
-
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// The fixture's weights with every value scaled, as weight-update chunks.

@@ -776,6 +776,7 @@ impl Generator {
                     sampling: Some(sampling.clone()),
                     min_weight_version: min_version,
                     reward_address: self.reward.clone(),
+                    reward_timeout_seconds: self.job.rewards.timeout_seconds,
                     learner_addresses: if push_step.is_some() {
                         self.learners.clone()
                     } else {

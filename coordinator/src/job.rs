@@ -110,6 +110,9 @@ pub struct RewardsSpec {
     pub reference_samples: u32,
     /// The reward server's `[batching]` table (see docs/reward-server.md).
     pub batching: Option<toml::Table>,
+    /// How long one scoring call may take before the actor retries it (4 attempts, then the
+    /// step, and the job, fail with the reason).
+    pub timeout_seconds: f64,
 }
 
 impl Default for RewardsSpec {
@@ -120,6 +123,7 @@ impl Default for RewardsSpec {
             reference_estimator: QuantileEstimator::Empirical,
             reference_samples: 8,
             batching: None,
+            timeout_seconds: 60.0,
         }
     }
 }
@@ -432,6 +436,10 @@ impl JobSpec {
             p.push(format!(
                 "rewards.reference_quantile: must be in (0, 1), got {q}"
             ));
+        }
+        let t = self.rewards.timeout_seconds;
+        if !(t.is_finite() && t > 0.0) {
+            p.push(format!("rewards.timeout_seconds: must be > 0, got {t}"));
         }
         if self.rewards.reference_samples < 2 {
             p.push(format!(

@@ -5,6 +5,7 @@ pub mod controller;
 pub mod data;
 pub mod job;
 pub mod launcher;
+pub mod metrics;
 pub mod pipeline;
 pub mod plot;
 pub mod pool;

@@ -30,6 +30,21 @@ use crate::store::{AnyStore, LeaseId, StateStore};
 const WORKERS: &str = "workers/";
 const ASSIGNMENTS: &str = "assignments/";
 const STATUS: &str = "status/";
+/// `worker-seq/<node>-<role>`: the last worker number given (not leased: ids are never reused).
+const WORKER_SEQ: &str = "worker-seq/";
+
+/// The roles a worker can have.
+pub const ROLES: [&str; 3] = ["actor", "learner", "reward"];
+
+/// What a worker reports about an assignment's process.
+pub mod state {
+    /// Being started (loading its model).
+    pub const STARTING: &str = "starting";
+    /// Serving at its URL.
+    pub const READY: &str = "ready";
+    /// Exited or failed to start (the detail says why).
+    pub const EXITED: &str = "exited";
+}
 
 /// The shortest worker lease: a few heartbeats.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
@@ -145,6 +160,9 @@ fn placement_generation() -> u64 {
 #[derive(Clone)]
 pub struct Pool {
     store: AnyStore,
+    /// Held from reading free capacity to writing the assignment, so the scheduler and the
+    /// jobs' supervisors (which replace lost workers) never give away the same slot twice.
+    placing: std::sync::Arc<Mutex<()>>,
     /// A worker vanishes this long after its last heartbeat.
     ttl: Duration,
 }
@@ -157,6 +175,7 @@ impl Pool {
     pub fn new(store: AnyStore, ttl: Duration) -> Pool {
         Pool {
             store,
+            placing: Default::default(),
             ttl: ttl.max(MIN_TTL),
         }
     }
@@ -171,19 +190,35 @@ impl Pool {
         (self.ttl / 5).min(Duration::from_secs(1))
     }
 
-    /// Adds a worker under a fresh lease; returns its id (`<node>-<role>-<n>`).
-    pub async fn register(&self, r: &v1::RegisterWorkerRequest) -> Result<String> {
-        if !["actor", "learner", "reward"].contains(&r.role.as_str()) {
-            bail!("role `{}`: expected actor, learner or reward", r.role);
+    /// What is wrong with a registration, if anything.
+    pub fn registration_problem(r: &v1::RegisterWorkerRequest) -> Option<String> {
+        if !ROLES.contains(&r.role.as_str()) {
+            return Some(format!(
+                "role `{}`: expected one of {}",
+                r.role,
+                ROLES.join(", ")
+            ));
         }
         if r.capacity == 0 {
-            bail!("capacity must be at least 1");
+            return Some("capacity must be at least 1".into());
         }
         if r.node.is_empty() || r.node.contains('/') {
-            bail!("node `{}`: must be non-empty and without `/`", r.node);
+            return Some(format!(
+                "node `{}`: must be non-empty and without `/`",
+                r.node
+            ));
         }
+        None
+    }
+
+    /// Adds a worker (checked with [`Pool::registration_problem`]) under a fresh lease; returns
+    /// its id, `<node>-<role>-<n>`, never reused: a worker that registers again is a new worker,
+    /// so nothing placed on the old one is mistaken for its.
+    pub async fn register(&self, r: &v1::RegisterWorkerRequest) -> Result<String> {
         let lease = self.store.grant_lease(self.ttl).await?;
-        for n in 1..=100_000u32 {
+        let counter = format!("{WORKER_SEQ}{}-{}", r.node, r.role);
+        loop {
+            let n = self.next(&counter).await?;
             let id = format!("{}-{}-{n}", r.node, r.role);
             let worker = Worker {
                 id: id.clone(),
@@ -205,7 +240,26 @@ impl Pool {
                 return Ok(id);
             }
         }
-        bail!("no free worker id for node {}", r.node)
+    }
+
+    /// Increments the counter at `key` (atomically); returns its new value.
+    async fn next(&self, key: &str) -> Result<u64> {
+        for _ in 0..100 {
+            let done = match self.store.get(key).await? {
+                None => self.store.create(key, "1", None).await?.then_some(1),
+                Some(v) => {
+                    let n: u64 = v.parse().with_context(|| format!("{key}: not a number"))?;
+                    self.store
+                        .replace(key, &v, &(n + 1).to_string())
+                        .await?
+                        .then_some(n + 1)
+                }
+            };
+            if let Some(n) = done {
+                return Ok(n);
+            }
+        }
+        bail!("{key}: too many concurrent updates")
     }
 
     async fn worker(&self, id: &str) -> Result<Option<Worker>> {
@@ -237,8 +291,13 @@ impl Pool {
             .await
             .map_err(HeartbeatError::Store)?
             .ok_or_else(unknown)?;
-        if self.store.keep_alive(worker.lease).await.is_err() {
-            return Err(unknown());
+        if let Err(e) = self.store.keep_alive(worker.lease).await {
+            // Expired (the record went with it) or the store failed: only the first means the
+            // worker must stop its work and register again.
+            return match self.worker(id).await {
+                Ok(None) => Err(unknown()),
+                _ => Err(HeartbeatError::Store(e)),
+            };
         }
         let lease = Some(worker.lease);
         worker.last_heartbeat = now();
@@ -348,7 +407,7 @@ impl Pool {
     /// Free capacity per role (for "waiting for workers" messages).
     pub async fn free_capacity(&self) -> Result<BTreeMap<String, usize>> {
         let mut out = BTreeMap::new();
-        for role in ["reward", "learner", "actor"] {
+        for role in ROLES {
             let n = self.free(role).await?.iter().map(|(_, n)| n).sum();
             out.insert(role.to_string(), n);
         }
@@ -364,6 +423,7 @@ impl Pool {
         commands: &[WorkerCommand],
         logs: &std::path::Path,
     ) -> Result<Option<Vec<Placement>>> {
+        let _placing = self.placing.lock().await;
         let mut free: BTreeMap<&str, Vec<(Worker, usize)>> = BTreeMap::new();
         for c in commands {
             if !free.contains_key(c.role) {
@@ -424,8 +484,8 @@ impl Pool {
             let mut urls = Vec::new();
             for p in placements {
                 match self.status(p).await? {
-                    Some(s) if s.state == "ready" => urls.push(s.url),
-                    Some(s) if s.state == "exited" => bail!(
+                    Some(s) if s.state == state::READY => urls.push(s.url),
+                    Some(s) if s.state == state::EXITED => bail!(
                         "{} on worker {} exited: {} (log: {})",
                         p.spec.id(),
                         p.worker,
@@ -470,6 +530,16 @@ impl Pool {
         })
     }
 
+    /// The jobs that hold assignments.
+    pub async fn assigned_jobs(&self) -> Result<std::collections::BTreeSet<String>> {
+        self.store
+            .list(ASSIGNMENTS)
+            .await?
+            .iter()
+            .map(|(k, v)| Ok(parse::<AssignmentSpec>(k, v)?.job))
+            .collect()
+    }
+
     /// Takes every assignment of `job` away from its worker (the workers stop the processes).
     pub async fn release(&self, job: &str) -> Result<()> {
         for (key, text) in self.store.list(ASSIGNMENTS).await? {
@@ -486,6 +556,7 @@ impl Pool {
     /// Moves the placement to a new generation running `args`: on its worker while that is
     /// registered, else on a worker of its role with free capacity. False when there is none.
     async fn reassign(&self, p: &mut Placement, args: &[String]) -> Result<bool> {
+        let _placing = self.placing.lock().await;
         let worker = match self.worker(&p.worker).await? {
             Some(w) => w,
             None => match self.free(&p.spec.role).await?.into_iter().next() {
@@ -526,10 +597,30 @@ impl Pool {
         Ok(urls[0].clone())
     }
 
+    /// The placement's URL if its process is ready now; an error if it exited or its worker
+    /// left (it is lost again).
+    async fn ready_now(&self, p: &Placement) -> Result<Option<String>> {
+        if self.lost(p).await? {
+            bail!(
+                "{} on worker {} was lost while starting",
+                p.spec.id(),
+                p.worker
+            );
+        }
+        Ok(self
+            .status(p)
+            .await?
+            .filter(|s| s.state == state::READY)
+            .map(|s| s.url))
+    }
+
     /// Whether the placement needs replacing: its worker left or its process exited.
     async fn lost(&self, p: &Placement) -> Result<bool> {
         Ok(self.worker(&p.worker).await?.is_none()
-            || self.status(p).await?.is_some_and(|s| s.state == "exited"))
+            || self
+                .status(p)
+                .await?
+                .is_some_and(|s| s.state == state::EXITED))
     }
 }
 
@@ -563,6 +654,7 @@ impl PoolGang {
                 pool,
                 commands,
                 placements: Mutex::new(placements),
+                starting: Mutex::new(Vec::new()),
                 timeout,
             },
         })
@@ -571,12 +663,15 @@ impl PoolGang {
 
 /// Replaces a job's dead pool workers: a learner is restarted (restoring its checkpoint) on its
 /// worker, or on another learner worker when its worker left, waiting for one to register; an
-/// actor whose worker left is placed on another actor worker with free capacity, and joins
-/// once ready.
+/// actor that was lost (its process exited or its worker left) is started again on its worker
+/// or on another actor worker with free capacity, in the background, and joins at the first
+/// step after it is ready (training goes on with the other actors meanwhile).
 pub struct PoolSupervisor {
     pool: Pool,
     commands: Vec<WorkerCommand>,
     placements: Mutex<Vec<Placement>>,
+    /// Indices (into `placements`) of actors being replaced.
+    starting: Mutex<Vec<usize>>,
     timeout: Duration,
 }
 
@@ -600,26 +695,34 @@ impl Supervisor for PoolSupervisor {
     async fn new_actors(&self) -> Vec<String> {
         let mut joined = Vec::new();
         let mut placements = self.placements.lock().await;
-        for p in placements.iter_mut().filter(|p| p.spec.role == "actor") {
-            if !self.pool.lost(p).await.unwrap_or(false) {
+        let mut starting = self.starting.lock().await;
+        // Replacements started earlier: join the ready ones, forget the ones lost again.
+        let mut still = Vec::new();
+        for i in starting.drain(..) {
+            match self.pool.ready_now(&placements[i]).await {
+                Ok(Some(url)) => joined.push(url),
+                Ok(None) => still.push(i),
+                Err(e) => tracing::warn!("replacement actor: {e:#}"),
+            }
+        }
+        *starting = still;
+        for (i, p) in placements.iter_mut().enumerate() {
+            if p.spec.role != "actor" || starting.contains(&i) {
                 continue;
             }
-            let args = p.spec.args.clone();
-            match self.pool.reassign(p, &args).await {
+            match self.pool.lost(p).await {
                 Ok(true) => {}
-                Ok(false) => continue, // no actor worker free yet: tried again next step
+                Ok(false) => continue,
                 Err(e) => {
-                    tracing::warn!("replacing actor {}: {e:#}", p.spec.id());
+                    tracing::warn!("checking actor {}: {e:#}", p.spec.id());
                     continue;
                 }
             }
-            match self
-                .pool
-                .wait_ready(std::slice::from_ref(p), self.timeout)
-                .await
-            {
-                Ok(urls) => joined.push(urls[0].clone()),
-                Err(e) => tracing::warn!("replacement actor {}: {e:#}", p.spec.id()),
+            let args = p.spec.args.clone();
+            match self.pool.reassign(p, &args).await {
+                Ok(true) => starting.push(i),
+                Ok(false) => {} // no actor worker free yet: tried again next step
+                Err(e) => tracing::warn!("replacing actor {}: {e:#}", p.spec.id()),
             }
         }
         joined

@@ -33,6 +33,7 @@ use crate::cli::run::{Gang, RunHooks, run_job_with};
 use crate::controller::{Event, Outcome};
 use crate::job::JobSpec;
 use crate::launcher::WorkerCommand;
+use crate::metrics::Metrics;
 use crate::pool::{HeartbeatError, Placement, Pool, PoolGang};
 use crate::slurm::Slurm;
 use crate::state::{JobRecord, JobState, now};
@@ -132,6 +133,7 @@ pub struct Coordinator {
     /// Jobs this process runs: their stop switches.
     running: Mutex<HashMap<String, watch::Sender<bool>>>,
     wake: Notify,
+    metrics: Metrics,
 }
 
 fn internal(e: anyhow::Error) -> Status {
@@ -149,6 +151,7 @@ impl Coordinator {
             slots: settings.slots.max(1),
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            metrics: Metrics::new(),
         })
     }
 
@@ -232,6 +235,7 @@ impl Coordinator {
         });
         campaign(&self.store, "coordinator", &name, lease).await?;
         tracing::info!(name, "active coordinator");
+        self.metrics.active.set(1);
         eprintln!("coordinator {name} is active");
         loop {
             if let Err(e) = self.schedule().await {
@@ -248,6 +252,9 @@ impl Coordinator {
     async fn schedule(self: &Arc<Self>) -> Result<()> {
         let jobs = self.all().await?;
         let mut running = self.running.lock().await;
+        if self.launcher != LauncherKind::Local {
+            self.release_leftovers(&jobs, &running).await?;
+        }
         for job in &jobs {
             if job.cancel_requested
                 && let Some(stop) = running.get(&job.record.id)
@@ -283,9 +290,17 @@ impl Coordinator {
                     Ok(Some(placed)) => Some(placed),
                     // Strict order: a job waiting for workers is not overtaken.
                     Ok(None) => break,
-                    Err(e) => {
+                    Err(e) if e.downcast_ref::<JobProblem>().is_some() => {
                         self.finish(&job.record.id, Err(e)).await?;
                         continue;
+                    }
+                    Err(e) => {
+                        // The store or sbatch failed: tried again next pass.
+                        let note = format!("placement failed, retrying: {e:#}");
+                        tracing::warn!(id = job.record.id, "{note}");
+                        self.pool.release(&job.record.id).await?;
+                        self.set_waiting(job, note).await?;
+                        break;
                     }
                 },
             };
@@ -304,6 +319,44 @@ impl Coordinator {
         Ok(())
     }
 
+    /// Takes back assignments no running job owns: those of jobs that ended or vanished (a
+    /// release that failed, or a coordinator that died between a job's end and its release).
+    async fn release_leftovers(
+        &self,
+        jobs: &[StoredJob],
+        running: &HashMap<String, watch::Sender<bool>>,
+    ) -> Result<()> {
+        for id in self.pool.assigned_jobs().await? {
+            let live = jobs
+                .iter()
+                .any(|j| j.record.id == id && !j.record.state.is_terminal());
+            if !live && !running.contains_key(&id) {
+                tracing::info!(id, "releasing the workers of a job that ended");
+                self.pool.release(&id).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the job and pool gauges from the store.
+    async fn refresh_metrics(&self) -> Result<()> {
+        let m = &self.metrics;
+        m.jobs.reset();
+        for job in self.all().await? {
+            m.jobs.with_label_values(&[job.record.state.as_str()]).inc();
+        }
+        m.workers.reset();
+        for w in self.pool.list().await? {
+            m.workers.with_label_values(&[w.role.as_str()]).inc();
+        }
+        for (role, free) in self.pool.free_capacity().await? {
+            m.free_slots
+                .with_label_values(&[role.as_str()])
+                .set(free as i64);
+        }
+        Ok(())
+    }
+
     /// Records why a queued job waits (empty: it does not), when that changed.
     async fn set_waiting(&self, job: &StoredJob, note: String) -> Result<()> {
         if job.waiting != note {
@@ -318,19 +371,27 @@ impl Coordinator {
     /// taken back first.
     async fn place(&self, job: &StoredJob, resume: bool) -> Result<Option<Placed>> {
         let id = &job.record.id;
-        let spec = job.spec()?;
+        let spec = job.spec().map_err(|e| JobProblem(format!("{e:#}")))?;
         if spec.resources.learner_ranks > 1 {
-            anyhow::bail!(
+            return Err(JobProblem(format!(
                 "resources.learner_ranks = {}: data-parallel learners run with the local launcher only so far (their ring addresses are chosen before start)",
                 spec.resources.learner_ranks
-            );
+            ))
+            .into());
         }
-        self.pool.release(id).await?;
-        let commands = crate::launcher::worker_commands(&spec, resume, &[])?;
+        if resume {
+            // What a previous coordinator placed for it: its processes are restarted fresh.
+            self.pool.release(id).await?;
+        }
+        let commands = crate::launcher::worker_commands(&spec, resume, &[])
+            .map_err(|e| JobProblem(format!("{e:#}")))?;
         let logs = spec.output_dir().join("logs");
         match self.pool.place(id, &commands, &logs).await? {
             Some(placements) => {
-                self.set_waiting(job, String::new()).await?;
+                if !job.slurm_job.is_empty() {
+                    // A later placement (a resume) may need Slurm again.
+                    self.update(id, |j| j.slurm_job.clear()).await?;
+                }
                 Ok(Some(Placed {
                     commands,
                     placements,
@@ -353,7 +414,10 @@ impl Coordinator {
                         true => {
                             let missing: BTreeMap<String, usize> = need
                                 .iter()
-                                .map(|(r, n)| (r.to_string(), n.saturating_sub(free[*r])))
+                                .map(|(r, n)| {
+                                    let free = free.get(*r).copied().unwrap_or(0);
+                                    (r.to_string(), n.saturating_sub(free))
+                                })
                                 .filter(|(_, n)| *n > 0)
                                 .collect();
                             let batch = slurm.submit(id, &missing, &logs).await?;
@@ -367,6 +431,15 @@ impl Coordinator {
                 Ok(None)
             }
         }
+    }
+
+    /// Moves the job to placing (no longer waiting), with `reason`.
+    async fn to_placing(&self, id: &str, reason: &str) -> Result<StoredJob> {
+        self.update(id, |j| {
+            let _ = j.record.transition(JobState::Placing, reason);
+            j.waiting.clear();
+        })
+        .await
     }
 
     /// Runs one job, mirroring its progress into the store: on its placed pool workers, or on
@@ -392,11 +465,7 @@ impl Coordinator {
                     .join(", ")
             ),
         };
-        let job = self
-            .update(id, |j| {
-                let _ = j.record.transition(JobState::Placing, reason.clone());
-            })
-            .await?;
+        let job = self.to_placing(id, &reason).await?;
         let result = self
             .run_placed(id, job, resume, stop, placed.as_ref())
             .await;
@@ -442,11 +511,8 @@ impl Coordinator {
                     }),
                     Err(e) if e.downcast_ref::<crate::pool::WorkerLeft>().is_some() => {
                         // Still placing and run by no one: the next pass places it again.
-                        let reason = format!("{e:#}; placing again");
-                        self.update(id, |j| {
-                            let _ = j.record.transition(JobState::Placing, reason.clone());
-                        })
-                        .await?;
+                        self.to_placing(id, &format!("{e:#}; placing again"))
+                            .await?;
                         return Ok(());
                     }
                     Err(e) => return self.finish(id, Err(e)).await,
@@ -532,6 +598,18 @@ impl Coordinator {
         Err(last.expect("at least one attempt"))
     }
 }
+
+/// A problem with the job itself (its spec, its resources): placing it again would fail again.
+#[derive(Debug)]
+struct JobProblem(String);
+
+impl std::fmt::Display for JobProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for JobProblem {}
 
 /// A job's gang as placed on pool workers.
 struct Placed {
@@ -748,11 +826,15 @@ impl WorkerService for WorkerApi {
         request: Request<v1::RegisterWorkerRequest>,
     ) -> Result<Response<v1::RegisterWorkerReply>, Status> {
         let r = request.into_inner();
+        if let Some(problem) = Pool::registration_problem(&r) {
+            return Err(Status::invalid_argument(problem));
+        }
+        // A store failure is worth retrying: UNAVAILABLE, which workers retry.
         let id = self
             .0
             .register(&r)
             .await
-            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+            .map_err(|e| Status::unavailable(format!("{e:#}")))?;
         tracing::info!(id, role = r.role, node = r.node, "worker registered");
         Ok(Response::new(v1::RegisterWorkerReply {
             worker_id: id,
@@ -769,7 +851,7 @@ impl WorkerService for WorkerApi {
         match self.0.heartbeat(&r.worker_id, &r.statuses).await {
             Ok(assignments) => Ok(Response::new(v1::HeartbeatReply { assignments })),
             Err(HeartbeatError::Unknown(m)) => Err(Status::not_found(m)),
-            Err(HeartbeatError::Store(e)) => Err(internal(e)),
+            Err(HeartbeatError::Store(e)) => Err(Status::unavailable(format!("{e:#}"))),
         }
     }
 
@@ -807,8 +889,17 @@ pub async fn serve(
     let host = rlhf_proto::service::ServiceHost::new(
         tonic::service::Routes::new(jobs).add_service(workers),
         names,
-        prometheus::Registry::new(),
+        coordinator.metrics.registry.clone(),
     );
+    let refresher = coordinator.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = refresher.refresh_metrics().await {
+                tracing::debug!("refreshing metrics: {e:#}");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
     let leader = tokio::spawn(coordinator.lead(name));
     tokio::select! {
         served = host.serve(listener, rlhf_proto::service::shutdown_signal()) => served?,

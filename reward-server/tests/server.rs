@@ -10,6 +10,7 @@ use rlhf_model::{HeadKind, ModelConfig};
 use rlhf_proto::process::ServiceProcess;
 use rlhf_proto::v1;
 use rlhf_proto::v1::reward_service_client::RewardServiceClient;
+use rlhf_tests::http_get;
 use serde_json::Value;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -142,22 +143,6 @@ async fn fixture_scores_over_grpc_and_describe() {
         assert!(body.contains("rlhf_reward_requests_total"), "{body}");
         assert!(body.contains("rlhf_reward_batch_size_bucket"), "{body}");
     }
-}
-
-/// A minimal HTTP/1.1 GET (the metrics endpoint), without an HTTP client dependency.
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

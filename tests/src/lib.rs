@@ -197,3 +197,20 @@ impl Drop for Etcd {
         let _ = self.child.wait();
     }
 }
+
+/// A minimal HTTP/1.1 GET (the services' `/metrics`), without an HTTP client dependency;
+/// asserts a 200 answer and returns the whole response.
+pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}

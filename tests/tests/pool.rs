@@ -128,6 +128,17 @@ fn a_grpo_job_waits_for_workers_runs_on_them_and_frees_them_with_etcd() {
             .iter()
             .any(|w| w["role"] == "learner" && w["node"] == "n1")
     );
+    // The coordinator's /metrics (refreshed from the store every 2 s).
+    let expected = [
+        "rlhf_coordinator_active 1",
+        "rlhf_coordinator_jobs{state=\"succeeded\"} 1",
+        "rlhf_coordinator_workers{role=\"actor\"} 2",
+        "rlhf_coordinator_free_slots{role=\"learner\"} 1",
+    ];
+    wait_for("the coordinator's metrics", Duration::from_secs(10), || {
+        let metrics = rlhf_tests::http_get(c.address, "/metrics");
+        expected.iter().all(|line| metrics.contains(line))
+    });
     let table = String::from_utf8(cli(&url, &["workers"]).stdout).unwrap();
     assert!(
         table.contains("n2-actor-1") && table.contains("0/1"),

@@ -168,6 +168,39 @@ fn a_dead_reward_server_fails_the_job_with_a_reason() {
 }
 
 #[test]
+fn a_stalled_reward_server_fails_the_job_instead_of_hanging() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(
+        tmp.path(),
+        "reward-stalls",
+        "[rewards]\ntimeout_seconds = 1\n",
+    );
+    let run = tmp.path().join("run");
+    let child = rlhf(&["run", job.to_str().unwrap(), "--steps", "50", "--quiet"]);
+    wait_for("step 1", Duration::from_secs(120), || {
+        !metric_steps(&run).is_empty()
+    });
+    // Stopped, not dead: connections are accepted by the kernel and never answered.
+    let reward = worker_pid(&run, "reward", 0);
+    signal(reward, "STOP");
+    let started = std::time::Instant::now();
+    // (The launcher SIGKILLs its workers when the job ends, stopped ones included.)
+    let (ok, err) = finish(child);
+    assert!(!ok, "the job must fail");
+    assert!(
+        err.contains("reward server") && err.contains("no answer within 1s"),
+        "{err}"
+    );
+    // 4 attempts of 1 s and their backoff, plus the step's own wind-down: well under a minute.
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(job_record(&run)["state"], "failed");
+}
+
+#[test]
 fn ctrl_c_checkpoints_and_stops_then_resume_finishes() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tiny_job(tmp.path(), "interrupted", "");

@@ -34,8 +34,9 @@ pub struct CoordinatorArgs {
     /// This coordinator's name in the election (default: host and pid).
     #[arg(long)]
     pub name: Option<String>,
-    /// Where jobs' workers come from: `local` (child processes here) or `static` (workers that
-    /// registered with `rlhf worker --role R --coordinator URL`, on any machine).
+    /// Where jobs' workers come from: `local` (child processes here), `static` (workers that
+    /// registered with `rlhf worker --role R --coordinator URL`, on any machine) or `slurm`
+    /// (as `static`, and the workers a job lacks are submitted with sbatch).
     #[arg(long, value_enum, default_value = "local")]
     pub launcher: LauncherKind,
     /// Seconds a pool worker stays registered without a heartbeat (at least 2). When one is
@@ -98,7 +99,9 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let store = AnyStore::open(&args.store).await?;
-        let state_dir = args.state_dir.unwrap_or_else(default_state_dir);
+        // Absolute: job outputs under it are named in assignments that other machines read.
+        let state_dir = std::path::absolute(args.state_dir.unwrap_or_else(default_state_dir))
+            .context("locating the state directory")?;
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating {}", state_dir.display()))?;
         let name = args.name.unwrap_or_else(|| {
@@ -116,9 +119,15 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
             rlhf_proto::process::READY_PREFIX,
             listener.local_addr()?
         );
-        if !(args.worker_ttl.is_finite() && args.worker_ttl > 0.0) {
-            anyhow::bail!("--worker-ttl {}: expected seconds > 0", args.worker_ttl);
-        }
+        let worker_ttl = Duration::try_from_secs_f64(args.worker_ttl)
+            .ok()
+            .filter(|t| !t.is_zero() && *t <= Duration::from_secs(86_400))
+            .with_context(|| {
+                format!(
+                    "--worker-ttl {}: expected 0 < seconds ≤ 86400",
+                    args.worker_ttl
+                )
+            })?;
         let address = listener.local_addr()?;
         let advertise = args.advertise_url.clone().unwrap_or_else(|| {
             let host = if address.ip().is_unspecified() {
@@ -146,7 +155,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
                 LauncherKind::Local => 1,
                 LauncherKind::Static | LauncherKind::Slurm => 64,
             }),
-            worker_ttl: Duration::from_secs_f64(args.worker_ttl),
+            worker_ttl,
             slurm,
         };
         let c = Coordinator::new(store, settings);

@@ -18,6 +18,7 @@ use rlhf_proto::v1::worker_service_client::WorkerServiceClient;
 use tonic::transport::Channel;
 
 use crate::launcher::{READY, worker_process};
+use crate::pool::state;
 
 /// This machine's host name.
 pub fn host_name() -> String {
@@ -47,8 +48,32 @@ pub fn resolve(host: &str) -> Result<String> {
         .with_context(|| format!("--advertise {host}: no address"))
 }
 
+/// How this worker starts its processes.
+#[derive(Clone)]
+struct Launch {
+    exe: PathBuf,
+    /// The IP its services bind.
+    host: String,
+    /// Accelerators to share out, one per process while there are enough.
+    devices: Vec<String>,
+}
+
+/// The device for a new process: one no running process has, else the least used.
+fn free_device(running: &Running, devices: &[String]) -> Option<String> {
+    let used: Vec<Option<String>> = running
+        .values()
+        .map(|s| s.lock().expect("not poisoned").device.clone())
+        .collect();
+    devices
+        .iter()
+        .min_by_key(|d| used.iter().filter(|u| u.as_ref() == Some(*d)).count())
+        .cloned()
+}
+
 /// One assigned process: its status as reported, and the process once started.
 struct Slot {
+    /// The accelerator it was given (`CUDA_VISIBLE_DEVICES`), if any.
+    device: Option<String>,
     status: v1::AssignmentStatus,
     process: Option<ServiceProcess>,
     /// Taken away while it was starting: killed as soon as it is up.
@@ -128,6 +153,11 @@ async fn serve(
     idle_exit: Option<Duration>,
 ) -> Result<()> {
     let mut coordinators = Coordinators::new(coordinator)?;
+    let how = Launch {
+        exe,
+        host: register.address.clone(),
+        devices: register.devices.clone(),
+    };
     let mut running: Running = HashMap::new();
     let mut idle_since = Instant::now();
     loop {
@@ -156,9 +186,17 @@ async fn serve(
         );
         let heartbeat = Duration::from_millis(reply.heartbeat_ms.max(100));
         let lease = Duration::from_millis(reply.lease_ttl_ms);
+        // When the last heartbeat that got through was sent: the coordinator renewed the lease
+        // after that, so past `last_ok + lease` the worker is certainly given up on.
         let mut last_ok = Instant::now();
         loop {
             tokio::time::sleep(heartbeat).await;
+            if last_ok.elapsed() > lease && !running.is_empty() {
+                eprintln!(
+                    "worker {id}: not heard for {lease:?}; its work was given away: stopping its processes"
+                );
+                stop_all(&mut running);
+            }
             if !running.is_empty() {
                 idle_since = Instant::now();
             } else if idle_exit.is_some_and(|idle| idle_since.elapsed() >= idle) {
@@ -174,15 +212,22 @@ async fn serve(
                 worker_id: id.clone(),
                 statuses,
             };
-            match coordinators.client().heartbeat(request).await {
+            let sent = Instant::now();
+            // No later than the lease's end, so a hung call cannot outlive it.
+            let left = lease
+                .saturating_sub(last_ok.elapsed())
+                .max(Duration::from_millis(200));
+            let call = coordinators.client().heartbeat(request);
+            let answer = match tokio::time::timeout(left, call).await {
+                Ok(answer) => answer,
+                Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {left:?}"
+                ))),
+            };
+            match answer {
                 Ok(reply) => {
-                    last_ok = Instant::now();
-                    reconcile(
-                        &mut running,
-                        reply.into_inner().assignments,
-                        &exe,
-                        &register.address,
-                    );
+                    last_ok = sent;
+                    reconcile(&mut running, reply.into_inner().assignments, &how);
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     eprintln!(
@@ -194,12 +239,6 @@ async fn serve(
                 Err(s) => {
                     tracing::warn!("heartbeat to {}: {}", coordinators.url(), s.message());
                     coordinators.rotate();
-                    if last_ok.elapsed() > lease && !running.is_empty() {
-                        eprintln!(
-                            "worker {id}: not heard for {lease:?}; its work was given away: stopping its processes"
-                        );
-                        stop_all(&mut running);
-                    }
                 }
             }
         }
@@ -212,14 +251,11 @@ fn refresh(running: &Running) -> Vec<v1::AssignmentStatus> {
         .values()
         .map(|slot| {
             let mut slot = slot.lock().expect("not poisoned");
-            let exited = slot
-                .process
-                .as_mut()
-                .is_some_and(ServiceProcess::has_exited);
-            if exited {
+            let exited = slot.process.as_mut().and_then(ServiceProcess::exit_status);
+            if let Some(status) = exited {
                 slot.process = None;
-                slot.status.state = "exited".into();
-                slot.status.detail = "the process exited".into();
+                slot.status.state = state::EXITED.into();
+                slot.status.detail = format!("the process exited ({status})");
             }
             slot.status.clone()
         })
@@ -227,12 +263,7 @@ fn refresh(running: &Running) -> Vec<v1::AssignmentStatus> {
 }
 
 /// Stops what was taken away or has a new generation; starts what is new.
-fn reconcile(
-    running: &mut Running,
-    assignments: Vec<v1::Assignment>,
-    exe: &std::path::Path,
-    host: &str,
-) {
+fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Launch) {
     let wanted: HashMap<&str, &v1::Assignment> =
         assignments.iter().map(|a| (a.id.as_str(), a)).collect();
     running.retain(|id, slot| {
@@ -248,11 +279,13 @@ fn reconcile(
         if running.contains_key(&a.id) {
             continue;
         }
+        let device = free_device(running, &how.devices);
         let slot = Arc::new(Mutex::new(Slot {
+            device: device.clone(),
             status: v1::AssignmentStatus {
                 id: a.id.clone(),
                 generation: a.generation,
-                state: "starting".into(),
+                state: state::STARTING.into(),
                 url: String::new(),
                 detail: String::new(),
                 pid: 0,
@@ -261,24 +294,37 @@ fn reconcile(
             stopped: false,
         }));
         running.insert(a.id.clone(), slot.clone());
-        let (exe, host, a) = (exe.to_path_buf(), host.to_string(), a.clone());
-        eprintln!("starting {} (generation {})", a.id, a.generation);
+        let (how, a) = (how.clone(), a.clone());
+        eprintln!(
+            "starting {} (generation {}{})",
+            a.id,
+            a.generation,
+            device
+                .as_deref()
+                .map(|d| format!(", on {d}"))
+                .unwrap_or_default()
+        );
         tokio::task::spawn_blocking(move || {
             let log = PathBuf::from(&a.log_path);
-            let started = worker_process(&exe, &a.role, &a.args, &log, &host)
-                .and_then(|cmd| Ok(ServiceProcess::spawn(cmd, READY)?));
+            let started =
+                worker_process(&how.exe, &a.role, &a.args, &log, &how.host).and_then(|mut cmd| {
+                    if let Some(d) = &device {
+                        cmd.env("CUDA_VISIBLE_DEVICES", d.strip_prefix("cuda:").unwrap_or(d));
+                    }
+                    Ok(ServiceProcess::spawn(cmd, READY)?)
+                });
             let mut slot = slot.lock().expect("not poisoned");
             match started {
                 Ok(process) if slot.stopped => drop(process),
                 Ok(process) => {
-                    slot.status.state = "ready".into();
+                    slot.status.state = state::READY.into();
                     slot.status.url = process.url();
                     slot.status.pid = process.id();
                     slot.process = Some(process);
                 }
                 Err(e) => {
-                    slot.status.state = "exited".into();
-                    slot.status.detail = format!("{e:#}");
+                    slot.status.state = state::EXITED.into();
+                    slot.status.detail = format!("{e:#} (log: {})", a.log_path);
                 }
             }
         });
@@ -290,7 +336,8 @@ fn stop(slot: &Arc<Mutex<Slot>>) {
     slot.stopped = true;
     if let Some(mut p) = slot.process.take() {
         eprintln!("stopping {}", slot.status.id);
-        p.kill();
+        // Killing waits for the exit (a GPU teardown can take a while): off the heartbeat loop.
+        tokio::task::spawn_blocking(move || p.kill());
     }
 }
 
@@ -299,4 +346,31 @@ fn stop_all(running: &mut Running) {
         stop(slot);
     }
     running.clear();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(device: Option<&str>) -> Arc<Mutex<Slot>> {
+        Arc::new(Mutex::new(Slot {
+            device: device.map(String::from),
+            status: v1::AssignmentStatus::default(),
+            process: None,
+            stopped: false,
+        }))
+    }
+
+    #[test]
+    fn devices_are_shared_out_one_per_process_then_evenly() {
+        let devices = vec!["cuda:0".to_string(), "cuda:1".to_string()];
+        let mut running = Running::new();
+        assert_eq!(free_device(&running, &[]), None);
+        assert_eq!(free_device(&running, &devices).as_deref(), Some("cuda:0"));
+        running.insert("a".into(), slot(Some("cuda:0")));
+        assert_eq!(free_device(&running, &devices).as_deref(), Some("cuda:1"));
+        running.insert("b".into(), slot(Some("cuda:1")));
+        running.insert("c".into(), slot(Some("cuda:0")));
+        assert_eq!(free_device(&running, &devices).as_deref(), Some("cuda:1"));
+    }
 }
