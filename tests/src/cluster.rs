@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rlhf_proto::process::ServiceProcess;
 
-use crate::{bin, tiny_job, wait_for};
+use crate::{bin, metric_steps, tiny_job, wait_for};
 
 /// `rlhf coordinator` on a free loopback port with `store`, `state_dir` and `name`, plus `extra`
 /// arguments.
@@ -97,4 +97,39 @@ pub fn wait_state(url: &str, id: &str, state: &str, within: Duration) -> serde_j
         last["state"] == state
     });
     last
+}
+
+/// Kills the coordinator running `id` (a job of `total` steps) after its second step, starts
+/// `next`, and checks the job finishes, resumed from its checkpoint, with every step applied once.
+pub fn survives_coordinator_death(
+    url: &str,
+    id: &str,
+    mut first: ServiceProcess,
+    total: u64,
+    next: impl FnOnce() -> ServiceProcess,
+) {
+    wait_for("two steps", Duration::from_secs(120), || {
+        status(url, id)["last_step"].as_u64().unwrap_or(0) >= 2
+    });
+    let out = PathBuf::from(status(url, id)["output_dir"].as_str().unwrap());
+    first.kill();
+    let second = next();
+    let done = wait_state(&second.url(), id, "succeeded", Duration::from_secs(240));
+    assert!(
+        done["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["reason"]
+                .as_str()
+                .unwrap()
+                .contains("resuming from the last checkpoint")),
+        "{done}"
+    );
+    // No step twice. The metrics line of the step in flight when the coordinator died can be
+    // missing: the learner applied and checkpointed it, its line was the dead process's to write.
+    let steps = metric_steps(&out);
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&total), "{steps:?}");
+    assert!(steps.len() as u64 >= total - 1, "{steps:?}");
 }

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use rlhf_proto::process::ServiceProcess;
-use rlhf_tests::cluster::{cli, job, status, submit, wait_state};
-use rlhf_tests::{Etcd, bin, metric_steps, wait_for};
+use rlhf_tests::cluster::{cli, job, status, submit, survives_coordinator_death, wait_state};
+use rlhf_tests::{Etcd, bin, wait_for};
 
 fn coordinator(store: &str, state_dir: &Path, slots: usize, name: &str) -> ServiceProcess {
     rlhf_tests::cluster::coordinator(store, state_dir, name, &["--slots", &slots.to_string()])
@@ -114,40 +114,6 @@ fn invalid_jobs_are_refused_with_every_problem() {
     }
 }
 
-/// Kills the coordinator running `id` mid-run, starts `next`, and checks the job finishes with
-/// every step applied once.
-fn survives_coordinator_death(
-    url: &str,
-    id: &str,
-    mut first: ServiceProcess,
-    next: impl FnOnce() -> ServiceProcess,
-) {
-    wait_for("two steps", Duration::from_secs(120), || {
-        status(url, id)["last_step"].as_u64().unwrap_or(0) >= 2
-    });
-    let out = PathBuf::from(status(url, id)["output_dir"].as_str().unwrap());
-    first.kill();
-    let second = next();
-    let done = wait_state(&second.url(), id, "succeeded", Duration::from_secs(240));
-    assert!(
-        done["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|h| h["reason"]
-                .as_str()
-                .unwrap()
-                .contains("resuming from the last checkpoint")),
-        "{done}"
-    );
-    // No step twice. The metrics line of the step in flight when the coordinator died can be
-    // missing: the learner applied and checkpointed it, its line was the dead process's to write.
-    let steps = metric_steps(&out);
-    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
-    assert_eq!(steps.last(), Some(&8), "{steps:?}");
-    assert!(steps.len() >= 7, "{steps:?}");
-}
-
 #[test]
 fn a_restarted_coordinator_resumes_its_jobs_from_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -156,7 +122,7 @@ fn a_restarted_coordinator_resumes_its_jobs_from_the_embedded_store() {
     let first = coordinator(&store, &state, 1, "c1");
     let url = first.url();
     let id = submit(&url, &job(dir.path(), "restart", 8, 0, ""));
-    survives_coordinator_death(&url, &id, first, || {
+    survives_coordinator_death(&url, &id, first, 8, || {
         coordinator(&store, &state, 1, "c1-again")
     });
 }
@@ -172,5 +138,5 @@ fn a_standby_coordinator_takes_over_from_the_active_one_with_etcd() {
     // Submitted to the standby: any coordinator accepts jobs; the active one runs them.
     let id = submit(&standby.url(), &job(dir.path(), "takeover", 8, 0, ""));
     let url = standby.url();
-    survives_coordinator_death(&url, &id, active, move || standby);
+    survives_coordinator_death(&url, &id, active, 8, move || standby);
 }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rlhf_tests::cluster::{cli, coordinator, job, status, submit, wait_state};
+use rlhf_tests::cluster::{
+    cli, coordinator, job, status, submit, survives_coordinator_death, wait_state,
+};
 use rlhf_tests::{Etcd, bin, metric_steps, signal, wait_for};
 
 /// A pool worker process, killed on drop.
@@ -330,7 +332,7 @@ fn pool_workers_follow_a_standby_coordinator_that_takes_over_with_etcd() {
     let store = format!("etcd://{}", etcd.endpoint);
     let state = dir.path().join("state");
     let args = ["--launcher", "static", "--worker-ttl", "4"];
-    let mut active = coordinator(&store, &state, "active", &args);
+    let active = coordinator(&store, &state, "active", &args);
     let standby = coordinator(&store, &state, "standby", &args);
     let both = format!("{},{}", active.url(), standby.url());
     let _pool = [
@@ -340,25 +342,5 @@ fn pool_workers_follow_a_standby_coordinator_that_takes_over_with_etcd() {
     ];
     let url = standby.url();
     let id = submit(&url, &job(dir.path(), "failover", 40, 0, ""));
-    wait_for("two steps", Duration::from_secs(120), || {
-        step(&url, &id) >= 2
-    });
-    active.kill();
-    let done = wait_state(&url, &id, "succeeded", Duration::from_secs(300));
-    assert!(
-        done["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|h| h["reason"]
-                .as_str()
-                .unwrap()
-                .contains("resuming from the last checkpoint")),
-        "{done}"
-    );
-    // No step twice; the line of the step in flight when the active one died can be missing.
-    let steps = metric_steps(&PathBuf::from(done["output_dir"].as_str().unwrap()));
-    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
-    assert_eq!(steps.last(), Some(&40), "{steps:?}");
-    assert!(steps.len() >= 39, "{steps:?}");
+    survives_coordinator_death(&url, &id, active, 40, move || standby);
 }
