@@ -134,7 +134,12 @@ pub struct Coordinator {
     running: Mutex<HashMap<String, watch::Sender<bool>>>,
     wake: Notify,
     metrics: Metrics,
+    /// When each Slurm batch job was last looked up with squeue.
+    slurm_checked: Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// How often a waiting job's Slurm batch job is looked up.
+const SLURM_CHECK: Duration = Duration::from_secs(10);
 
 fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
@@ -152,6 +157,7 @@ impl Coordinator {
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             metrics: Metrics::new(),
+            slurm_checked: Mutex::new(HashMap::new()),
         })
     }
 
@@ -409,7 +415,16 @@ impl Coordinator {
                     counts(free.iter().map(|(r, n)| (r.as_str(), *n)))
                 );
                 if let Some(slurm) = &self.slurm {
-                    let batch = match job.slurm_job.is_empty() {
+                    let gone = !job.slurm_job.is_empty()
+                        && self.slurm_job_gone(slurm, &job.slurm_job).await;
+                    if gone {
+                        tracing::warn!(
+                            id,
+                            batch = job.slurm_job,
+                            "the Slurm job for this job's workers ended before they were placed; submitting again"
+                        );
+                    }
+                    let batch = match job.slurm_job.is_empty() || gone {
                         false => job.slurm_job.clone(),
                         true => {
                             let missing: BTreeMap<String, usize> = need
@@ -429,6 +444,27 @@ impl Coordinator {
                 }
                 self.set_waiting(job, waiting).await?;
                 Ok(None)
+            }
+        }
+    }
+
+    /// Whether Slurm no longer knows batch job `batch` (it ended: failed, timed out, or its
+    /// workers left). Asked at most every [`SLURM_CHECK`] per batch job; `false` when unsure.
+    async fn slurm_job_gone(&self, slurm: &Slurm, batch: &str) -> bool {
+        {
+            let mut checked = self.slurm_checked.lock().await;
+            let now = std::time::Instant::now();
+            let last = checked.entry(batch.to_string()).or_insert(now);
+            if now.duration_since(*last) < SLURM_CHECK {
+                return false;
+            }
+            *last = now;
+        }
+        match slurm.is_queued(batch).await {
+            Ok(queued) => !queued,
+            Err(e) => {
+                tracing::warn!(batch, "squeue: {e:#}");
+                false
             }
         }
     }
@@ -502,8 +538,20 @@ impl Coordinator {
                     p.commands.clone(),
                     p.placements.clone(),
                     crate::launcher::READY,
-                )
-                .await;
+                );
+                let mut cancel = stop.clone();
+                let ready = tokio::select! {
+                    ready = ready => ready,
+                    _ = async {
+                        if cancel.wait_for(|stop| *stop).await.is_err() {
+                            std::future::pending::<()>().await; // no one can cancel any more
+                        }
+                    } => {
+                        // Cancelled while its workers were starting: nothing ran, nothing to save.
+                        let step = job.record.last_step;
+                        return self.finish(id, Ok(Outcome::Stopped { step })).await;
+                    }
+                };
                 match ready {
                     Ok(g) => Some(Gang {
                         endpoints: g.endpoints,

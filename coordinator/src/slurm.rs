@@ -29,8 +29,22 @@ pub struct Slurm {
     pub idle_exit: Duration,
 }
 
-/// How long `sbatch` may take.
-const SBATCH_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `sbatch` or `squeue` may take.
+const SLURM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a Slurm command with a timeout.
+async fn run_slurm(program: &str, args: &[&str]) -> Result<std::process::Output> {
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(SLURM_TIMEOUT, run)
+        .await
+        .with_context(|| format!("{program} {args:?} took over {SLURM_TIMEOUT:?}"))?
+        .with_context(|| {
+            format!("running `{program}` (is Slurm installed on the coordinator's machine?)")
+        })
+}
 
 /// Single-quotes `s` for bash.
 fn quote(s: &str) -> String {
@@ -69,6 +83,13 @@ impl Slurm {
         s
     }
 
+    /// Whether batch job `id` is still pending or running (`squeue -h -j ID -o %T`).
+    pub async fn is_queued(&self, id: &str) -> Result<bool> {
+        let out = run_slurm("squeue", &["-h", "-j", id, "-o", "%T"]).await?;
+        // A finished job is either not listed or an error "Invalid job id".
+        Ok(out.status.success() && !String::from_utf8_lossy(&out.stdout).trim().is_empty())
+    }
+
     /// Writes the script for `job` and submits it; returns Slurm's job id.
     pub async fn submit(
         &self,
@@ -82,17 +103,7 @@ impl Slurm {
         let path = self.dir.join(format!("{job}.sbatch"));
         std::fs::write(&path, self.script(job, workers, logs))
             .with_context(|| format!("writing {}", path.display()))?;
-        let run = tokio::process::Command::new("sbatch")
-            .arg("--parsable")
-            .arg(&path)
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(SBATCH_TIMEOUT, run)
-            .await
-            .with_context(|| format!("sbatch {} took over {SBATCH_TIMEOUT:?}", path.display()))?
-            .with_context(
-                || "running `sbatch` (is Slurm installed on the coordinator's machine?)",
-            )?;
+        let out = run_slurm("sbatch", &["--parsable", &path.display().to_string()]).await?;
         if !out.status.success() {
             bail!(
                 "sbatch {} failed ({}): {}",

@@ -231,25 +231,36 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
     assert!(metrics.contains("critic/value_loss"));
 }
 
-/// Stand-ins for Slurm's `sbatch` and `srun` (Slurm cannot run here): `sbatch` runs the script
-/// in the background on this machine (detached from sbatch's output, as Slurm's jobs are) and
-/// prints a job id; `srun` drops its options and runs the
-/// step's command with `SLURMD_NODENAME` set, as one task. Written into `dir`.
+/// Stand-ins for Slurm's `sbatch`, `squeue` and `srun` (Slurm cannot run here), written into
+/// `dir`. `sbatch` numbers its jobs from 4241 and runs the script in the background on this
+/// machine (detached from sbatch's output, as Slurm's jobs are), except that the first job
+/// "fails" without running when `dir/fail-first` exists; `squeue -h -j ID` lists a job while its
+/// script runs; `srun` drops its options and runs the step's command as one task with
+/// `SLURMD_NODENAME` set.
 fn fake_slurm(dir: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir).unwrap();
     let sbatch = r#"#!/bin/bash
 here="$(dirname "$0")"
 script="${@: -1}"
+id=$(( $(cat "$here/last-id" 2>/dev/null || echo 4240) + 1 ))
+echo $id > "$here/last-id"
 cp "$script" "$here/submitted.sbatch"
-(bash "$script" > "$here/job.out" 2>&1; echo $? > "$here/job.exit") < /dev/null > /dev/null 2>&1 &
-echo "4242;cluster"
+if [ -e "$here/fail-first" ]; then rm "$here/fail-first"; echo "$id;cluster"; exit 0; fi
+touch "$here/queued-$id"
+(bash "$script" > "$here/job.out" 2>&1; echo $? > "$here/job.exit"; rm "$here/queued-$id") < /dev/null > /dev/null 2>&1 &
+echo "$id;cluster"
+"#;
+    let squeue = r#"#!/bin/bash
+here="$(dirname "$0")"
+[ -e "$here/queued-$3" ] && echo RUNNING
+exit 0
 "#;
     let srun = r#"#!/bin/bash
 while [[ "$1" == --* ]]; do shift; done
 SLURMD_NODENAME=localhost exec "$@"
 "#;
-    for (name, text) in [("sbatch", sbatch), ("srun", srun)] {
+    for (name, text) in [("sbatch", sbatch), ("squeue", squeue), ("srun", srun)] {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -257,10 +268,13 @@ SLURMD_NODENAME=localhost exec "$@"
 }
 
 #[test]
-fn slurm_launcher_with_fake_sbatch_and_srun_starts_the_missing_workers() {
+fn slurm_launcher_with_fake_sbatch_squeue_and_srun_starts_the_missing_workers() {
     let dir = tempfile::tempdir().unwrap();
     let fake = dir.path().join("fake-slurm");
     fake_slurm(&fake);
+    // The first batch job ends before its workers start: the coordinator notices (squeue) and
+    // asks again.
+    std::fs::write(fake.join("fail-first"), "").unwrap();
     let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap());
     let state = dir.path().join("state");
     let store = format!("embedded:{}", state.join("store.json").display());
@@ -284,7 +298,20 @@ fn slurm_launcher_with_fake_sbatch_and_srun_starts_the_missing_workers() {
         workers(&url).len() == 1
     });
     let id = submit(&url, &job(dir.path(), "slurm", 2, 0, ""));
+    wait_for("the first batch job", Duration::from_secs(30), || {
+        status(&url, &id)["waiting"]
+            .as_str()
+            .unwrap()
+            .contains("Slurm job 4241 starts the missing workers")
+    });
     let done = wait_state(&url, &id, "succeeded", Duration::from_secs(300));
+    assert_eq!(
+        std::fs::read_to_string(fake.join("last-id"))
+            .unwrap()
+            .trim(),
+        "4242",
+        "submitted once more after the first batch job ended, and only once"
+    );
     let script = std::fs::read_to_string(fake.join("submitted.sbatch")).unwrap();
     assert!(
         script.contains(&format!("#SBATCH --job-name=rlhf-{id}")),
