@@ -12,6 +12,9 @@ use rlhf_tests::cluster::{
 };
 use rlhf_tests::{Etcd, bin, metric_steps, signal, wait_for};
 
+/// The job-file lines that make a tiny job PPO with a critic.
+const PPO: &str = "[learner]\nalgorithm = \"ppo\"\n[learner.ppo]\ncritic_lr = 1e-4\n";
+
 /// A pool worker process, killed on drop.
 struct Agent(Child);
 
@@ -189,8 +192,8 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
         Agent::start(&url, "actor", "n2"),
     ];
     let doomed = Agent::start(&url, "actor", "n3");
-    let ppo = "[learner]\nalgorithm = \"ppo\"\n[learner.ppo]\ncritic_lr = 1e-4\n[resources]\nactors = 2\n";
-    let id = submit(&url, &job(dir.path(), "ppo-pool", 60, 0, ppo));
+    let ppo = format!("{PPO}[resources]\nactors = 2\n");
+    let id = submit(&url, &job(dir.path(), "ppo-pool", 60, 0, &ppo));
     wait_for("step 1", Duration::from_secs(180), || step(&url, &id) >= 1);
 
     // The actor worker on n3 dies with its process: the other actor takes its prompts, and a
@@ -353,7 +356,7 @@ fn entered(info: &serde_json::Value, state: &str) -> f64 {
 }
 
 #[test]
-fn pool_workers_follow_a_standby_coordinator_that_takes_over_with_etcd() {
+fn a_ppo_job_on_pool_workers_follows_a_standby_coordinator_that_takes_over_with_etcd() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let store = format!("etcd://{}", etcd.endpoint);
@@ -368,6 +371,6 @@ fn pool_workers_follow_a_standby_coordinator_that_takes_over_with_etcd() {
         Agent::start(&both, "actor", "n2"),
     ];
     let url = standby.url();
-    let id = submit(&url, &job(dir.path(), "failover", 40, 0, ""));
+    let id = submit(&url, &job(dir.path(), "failover", 40, 0, PPO));
     survives_coordinator_death(&url, &id, active, 40, move || standby);
 }
