@@ -79,6 +79,17 @@ pub fn submit(url: &str, job: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// When the job first entered `state` (unix seconds).
+pub fn entered(info: &serde_json::Value, state: &str) -> f64 {
+    info["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["state"] == state)
+        .and_then(|h| h["at"].as_f64())
+        .unwrap_or_else(|| panic!("never {state}: {info}"))
+}
+
 /// `rlhf status ID --json`.
 pub fn status(url: &str, id: &str) -> serde_json::Value {
     let out = cli(url, &["status", id, "--json"]);

@@ -7,22 +7,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use rlhf_proto::process::ServiceProcess;
-use rlhf_tests::cluster::{cli, job, status, submit, survives_coordinator_death, wait_state};
+use rlhf_tests::cluster::{
+    cli, entered, job, status, submit, survives_coordinator_death, wait_state,
+};
 use rlhf_tests::{Etcd, bin, wait_for};
 
 fn coordinator(store: &str, state_dir: &Path, slots: usize, name: &str) -> ServiceProcess {
     rlhf_tests::cluster::coordinator(store, state_dir, name, &["--slots", &slots.to_string()])
-}
-
-/// When the job first entered `state` (unix seconds).
-fn entered(info: &serde_json::Value, state: &str) -> f64 {
-    info["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["state"] == state)
-        .and_then(|h| h["at"].as_f64())
-        .unwrap_or_else(|| panic!("never {state}: {info}"))
 }
 
 fn alive(pid: u32) -> bool {

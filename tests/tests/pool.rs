@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use rlhf_tests::cluster::{
-    cli, coordinator, job, status, submit, survives_coordinator_death, wait_state,
+    cli, coordinator, entered, job, status, submit, survives_coordinator_death, wait_state,
 };
 use rlhf_tests::{Etcd, bin, metric_steps, signal, wait_for};
 
@@ -342,17 +342,6 @@ fn slurm_launcher_with_fake_sbatch_squeue_and_srun_starts_the_missing_workers() 
     );
     let left = workers(&url);
     assert_eq!(left.len(), 1, "only the reward worker stays: {left:?}");
-}
-
-/// When the job first entered `state` (unix seconds).
-fn entered(info: &serde_json::Value, state: &str) -> f64 {
-    info["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["state"] == state)
-        .and_then(|h| h["at"].as_f64())
-        .unwrap_or_else(|| panic!("never {state}: {info}"))
 }
 
 #[test]
