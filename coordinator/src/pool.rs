@@ -171,6 +171,21 @@ fn parse<T: for<'de> Deserialize<'de>>(key: &str, text: &str) -> Result<T> {
     serde_json::from_str(text).with_context(|| format!("{key}: corrupt record"))
 }
 
+/// The records of a listing that parse, with their keys; a corrupt one is reported and skipped
+/// (one bad record must not stop scheduling).
+fn parse_all<T: for<'de> Deserialize<'de>>(listing: Vec<(String, String)>) -> Vec<(String, T)> {
+    listing
+        .into_iter()
+        .filter_map(|(k, v)| match parse(&k, &v) {
+            Ok(t) => Some((k, t)),
+            Err(e) => {
+                tracing::warn!("skipping: {e:#}");
+                None
+            }
+        })
+        .collect()
+}
+
 impl Pool {
     pub fn new(store: AnyStore, ttl: Duration) -> Pool {
         Pool {
@@ -308,6 +323,16 @@ impl Pool {
             .await
             .map_err(store)?;
         let known = self.statuses(id).await.map_err(store)?;
+        // Statuses of assignments the worker no longer runs (released, replaced) are dropped.
+        for old in known
+            .keys()
+            .filter(|k| !statuses.iter().any(|s| &s.id == *k))
+        {
+            self.store
+                .delete(&format!("{STATUS}{id}/{old}"))
+                .await
+                .map_err(store)?;
+        }
         for s in statuses {
             let status = Status::from_proto(s);
             if known.get(&s.id) != Some(&status) {
@@ -328,30 +353,24 @@ impl Pool {
     }
 
     async fn assignments(&self, worker: &str) -> Result<Vec<AssignmentSpec>> {
-        self.store
-            .list(&format!("{ASSIGNMENTS}{worker}/"))
-            .await?
-            .iter()
-            .map(|(k, v)| parse(k, v))
-            .collect()
+        let listing = self.store.list(&format!("{ASSIGNMENTS}{worker}/")).await?;
+        Ok(parse_all(listing).into_iter().map(|(_, a)| a).collect())
     }
 
     /// Reported statuses of a worker's assignments, by assignment id.
     async fn statuses(&self, worker: &str) -> Result<BTreeMap<String, Status>> {
         let prefix = format!("{STATUS}{worker}/");
-        self.store
-            .list(&prefix)
-            .await?
-            .iter()
-            .map(|(k, v)| Ok((k[prefix.len()..].to_string(), parse(k, v)?)))
-            .collect()
+        let listing = self.store.list(&prefix).await?;
+        Ok(parse_all(listing)
+            .into_iter()
+            .map(|(k, s)| (k[prefix.len()..].to_string(), s))
+            .collect())
     }
 
     /// Every worker with what it reported about its assignments.
     pub async fn list(&self) -> Result<Vec<v1::WorkerInfo>> {
         let mut out = Vec::new();
-        for (key, text) in self.store.list(WORKERS).await? {
-            let w: Worker = parse(&key, &text)?;
+        for (_, w) in parse_all::<Worker>(self.store.list(WORKERS).await?) {
             let statuses = self.statuses(&w.id).await?;
             let assignments = self
                 .assignments(&w.id)
@@ -389,8 +408,7 @@ impl Pool {
     /// Workers of `role` with free capacity, most free first: (worker, free slots).
     async fn free(&self, role: &str) -> Result<Vec<(Worker, usize)>> {
         let mut free = Vec::new();
-        for (key, text) in self.store.list(WORKERS).await? {
-            let w: Worker = parse(&key, &text)?;
+        for (_, w) in parse_all::<Worker>(self.store.list(WORKERS).await?) {
             if w.role != role {
                 continue;
             }
@@ -532,18 +550,16 @@ impl Pool {
 
     /// The jobs that hold assignments.
     pub async fn assigned_jobs(&self) -> Result<std::collections::BTreeSet<String>> {
-        self.store
-            .list(ASSIGNMENTS)
-            .await?
-            .iter()
-            .map(|(k, v)| Ok(parse::<AssignmentSpec>(k, v)?.job))
-            .collect()
+        let listing = self.store.list(ASSIGNMENTS).await?;
+        Ok(parse_all::<AssignmentSpec>(listing)
+            .into_iter()
+            .map(|(_, a)| a.job)
+            .collect())
     }
 
     /// Takes every assignment of `job` away from its worker (the workers stop the processes).
     pub async fn release(&self, job: &str) -> Result<()> {
-        for (key, text) in self.store.list(ASSIGNMENTS).await? {
-            let spec: AssignmentSpec = parse(&key, &text)?;
+        for (key, spec) in parse_all::<AssignmentSpec>(self.store.list(ASSIGNMENTS).await?) {
             if spec.job == job {
                 self.store.delete(&key).await?;
                 let status = format!("{STATUS}{}", &key[ASSIGNMENTS.len()..]);

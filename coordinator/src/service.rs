@@ -134,12 +134,14 @@ pub struct Coordinator {
     running: Mutex<HashMap<String, watch::Sender<bool>>>,
     wake: Notify,
     metrics: Metrics,
-    /// When each Slurm batch job was last looked up with squeue.
+    /// When each rate-limited Slurm command (`squeue:<batch>`, `sbatch:<job>`) last ran.
     slurm_checked: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// How often a waiting job's Slurm batch job is looked up.
 const SLURM_CHECK: Duration = Duration::from_secs(10);
+/// How long after a failed sbatch it is tried again for the same job.
+const SLURM_SUBMIT: Duration = Duration::from_secs(30);
 
 fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
@@ -259,18 +261,31 @@ impl Coordinator {
         let jobs = self.all().await?;
         let mut running = self.running.lock().await;
         if self.launcher != LauncherKind::Local {
-            self.release_leftovers(&jobs, &running).await?;
+            self.release_leftovers(&running).await?;
         }
         for job in &jobs {
-            if job.cancel_requested
-                && let Some(stop) = running.get(&job.record.id)
-            {
-                let _ = stop.send(true);
+            if !job.cancel_requested || job.record.state.is_terminal() {
+                continue;
+            }
+            match running.get(&job.record.id) {
+                Some(stop) => {
+                    let _ = stop.send(true);
+                }
+                // Not running here (an orphan waiting to be placed again): cancelled now.
+                None => {
+                    let step = job.record.last_step;
+                    self.finish(&job.record.id, Ok(Outcome::Stopped { step }))
+                        .await?;
+                }
             }
         }
         let (mut orphans, mut queued): (Vec<&StoredJob>, Vec<&StoredJob>) = jobs
             .iter()
-            .filter(|j| !j.record.state.is_terminal() && !running.contains_key(&j.record.id))
+            .filter(|j| {
+                !j.record.state.is_terminal()
+                    && !j.cancel_requested
+                    && !running.contains_key(&j.record.id)
+            })
             .partition(|j| j.record.state != JobState::Queued);
         let order = |a: &&StoredJob, b: &&StoredJob| {
             b.record
@@ -325,19 +340,22 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Takes back assignments no running job owns: those of jobs that ended or vanished (a
-    /// release that failed, or a coordinator that died between a job's end and its release).
+    /// Takes back assignments no job of this coordinator's runs owns: those of jobs that ended
+    /// or vanished (a release that failed, a coordinator that died between a job's end and its
+    /// release) and of orphans.
     async fn release_leftovers(
         &self,
-        jobs: &[StoredJob],
         running: &HashMap<String, watch::Sender<bool>>,
     ) -> Result<()> {
+        // Only this (active) coordinator places, under the `running` lock, so assignments of a
+        // job it does not run are stale: the job ended, or is an orphan that will be placed
+        // afresh (its old processes must not hold slots another orphan needs meanwhile).
         for id in self.pool.assigned_jobs().await? {
-            let live = jobs
-                .iter()
-                .any(|j| j.record.id == id && !j.record.state.is_terminal());
-            if !live && !running.contains_key(&id) {
-                tracing::info!(id, "releasing the workers of a job that ended");
+            if !running.contains_key(&id) {
+                tracing::info!(
+                    id,
+                    "releasing the workers of a job this coordinator does not run"
+                );
                 self.pool.release(&id).await?;
             }
         }
@@ -385,10 +403,6 @@ impl Coordinator {
             ))
             .into());
         }
-        if resume {
-            // What a previous coordinator placed for it: its processes are restarted fresh.
-            self.pool.release(id).await?;
-        }
         let commands = crate::launcher::worker_commands(&spec, resume, &[])
             .map_err(|e| JobProblem(format!("{e:#}")))?;
         let logs = spec.output_dir().join("logs");
@@ -424,8 +438,14 @@ impl Coordinator {
                             "the Slurm job for this job's workers ended before they were placed; submitting again"
                         );
                     }
-                    let batch = match job.slurm_job.is_empty() || gone {
+                    let resubmit = job.slurm_job.is_empty() || gone;
+                    let batch = match resubmit {
                         false => job.slurm_job.clone(),
+                        // A failed sbatch is tried again SLURM_SUBMIT later, not every pass (the
+                        // job's note still says why it failed).
+                        true if self.failed_recently(&format!("sbatch:{id}")).await => {
+                            return Ok(None);
+                        }
                         true => {
                             let missing: BTreeMap<String, usize> = need
                                 .iter()
@@ -435,7 +455,15 @@ impl Coordinator {
                                 })
                                 .filter(|(_, n)| *n > 0)
                                 .collect();
-                            let batch = slurm.submit(id, &missing, &logs).await?;
+                            let batch = match slurm.submit(id, &missing, &logs).await {
+                                Ok(batch) => batch,
+                                Err(e) => {
+                                    let now = std::time::Instant::now();
+                                    let mut times = self.slurm_checked.lock().await;
+                                    times.insert(format!("sbatch:{id}"), now);
+                                    return Err(e);
+                                }
+                            };
                             self.update(id, |j| j.slurm_job = batch.clone()).await?;
                             batch
                         }
@@ -451,14 +479,8 @@ impl Coordinator {
     /// Whether Slurm no longer knows batch job `batch` (it ended: failed, timed out, or its
     /// workers left). Asked at most every [`SLURM_CHECK`] per batch job; `false` when unsure.
     async fn slurm_job_gone(&self, slurm: &Slurm, batch: &str) -> bool {
-        {
-            let mut checked = self.slurm_checked.lock().await;
-            let now = std::time::Instant::now();
-            let last = checked.entry(batch.to_string()).or_insert(now);
-            if now.duration_since(*last) < SLURM_CHECK {
-                return false;
-            }
-            *last = now;
+        if !self.due(&format!("squeue:{batch}"), SLURM_CHECK).await {
+            return false;
         }
         match slurm.is_queued(batch).await {
             Ok(queued) => !queued,
@@ -467,6 +489,30 @@ impl Coordinator {
                 false
             }
         }
+    }
+
+    /// Whether `every` has passed since `key` was last due (if so, it is due again from now on);
+    /// the first call for a key starts the clock. Rate-limits squeue.
+    async fn due(&self, key: &str, every: Duration) -> bool {
+        let mut times = self.slurm_checked.lock().await;
+        let now = std::time::Instant::now();
+        match times.get_mut(key) {
+            None => {
+                times.insert(key.to_string(), now);
+                false
+            }
+            Some(last) if now.duration_since(*last) >= every => {
+                *last = now;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    /// Whether `key` was marked (a failure) less than [`SLURM_SUBMIT`] ago.
+    async fn failed_recently(&self, key: &str) -> bool {
+        let times = self.slurm_checked.lock().await;
+        times.get(key).is_some_and(|t| t.elapsed() < SLURM_SUBMIT)
     }
 
     /// Moves the job to placing (no longer waiting), with `reason`.
@@ -489,7 +535,7 @@ impl Coordinator {
     ) -> Result<()> {
         let reason = match (&placed, resume) {
             (_, true) => {
-                "resuming from the last checkpoint (the coordinator that ran it is gone)".into()
+                "resuming from the last checkpoint (its previous run was interrupted)".into()
             }
             (None, false) => "starting local workers".into(),
             (Some(p), false) => format!(

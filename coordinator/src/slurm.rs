@@ -46,6 +46,25 @@ async fn run_slurm(program: &str, args: &[&str]) -> Result<std::process::Output>
         })
 }
 
+/// Whether a Slurm job state (`squeue -o %T`) is one a job is still alive in.
+fn is_live_state(state: &str) -> bool {
+    matches!(
+        state,
+        "PENDING"
+            | "RUNNING"
+            | "CONFIGURING"
+            | "COMPLETING"
+            | "SUSPENDED"
+            | "REQUEUED"
+            | "REQUEUE_HOLD"
+            | "REQUEUE_FED"
+            | "RESIZING"
+            | "SIGNALING"
+            | "STAGE_OUT"
+            | "STOPPED"
+    )
+}
+
 /// Single-quotes `s` for bash.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -83,11 +102,21 @@ impl Slurm {
         s
     }
 
-    /// Whether batch job `id` is still pending or running (`squeue -h -j ID -o %T`).
+    /// Whether batch job `id` is still pending or running (`squeue -h -j ID -o %T`). An ended
+    /// job is not listed, listed in an end state for a while, or refused as an invalid id; any
+    /// other failure of squeue (the controller away) is an error, not "gone".
     pub async fn is_queued(&self, id: &str) -> Result<bool> {
         let out = run_slurm("squeue", &["-h", "-j", id, "-o", "%T"]).await?;
-        // A finished job is either not listed or an error "Invalid job id".
-        Ok(out.status.success() && !String::from_utf8_lossy(&out.stdout).trim().is_empty())
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Invalid job id") {
+                return Ok(false);
+            }
+            bail!("squeue -j {id} failed ({}): {}", out.status, err.trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .any(is_live_state))
     }
 
     /// Writes the script for `job` and submits it; returns Slurm's job id.
@@ -151,6 +180,21 @@ mod tests {
         assert!(s.contains("exec '\\''/shared/bin/rlhf'\\'' worker"), "{s}");
         assert!(s.contains("--exit-when-idle 120"));
         assert!(s.ends_with("wait\n"));
+    }
+
+    #[test]
+    fn ended_states_are_not_live() {
+        assert!(is_live_state("RUNNING") && is_live_state("PENDING"));
+        for ended in [
+            "COMPLETED",
+            "FAILED",
+            "TIMEOUT",
+            "CANCELLED",
+            "NODE_FAIL",
+            "",
+        ] {
+            assert!(!is_live_state(ended), "{ended}");
+        }
     }
 
     #[test]

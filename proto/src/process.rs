@@ -20,12 +20,23 @@ pub const READY_PREFIX: &str = "listening on ";
 impl ServiceProcess {
     /// Starts `command` and waits up to `ready_timeout` for its ready line. The rest of its
     /// stdout is drained in the background; stderr is inherited.
-    pub fn spawn(mut command: Command, ready_timeout: Duration) -> std::io::Result<ServiceProcess> {
+    pub fn spawn(command: Command, ready_timeout: Duration) -> std::io::Result<ServiceProcess> {
+        Self::spawn_with(command, ready_timeout, |_| {})
+    }
+
+    /// [`ServiceProcess::spawn`], telling `on_start` the process id as soon as it runs (so a
+    /// caller can kill a process that is still starting).
+    pub fn spawn_with(
+        mut command: Command,
+        ready_timeout: Duration,
+        on_start: impl FnOnce(u32),
+    ) -> std::io::Result<ServiceProcess> {
         let program = format!("{:?}", command.get_program());
         let mut child = command
             .stdout(Stdio::piped())
             .stdin(Stdio::null())
             .spawn()?;
+        on_start(child.id());
         let stdout = child.stdout.take().expect("stdout is piped");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

@@ -159,8 +159,9 @@ async fn serve(
         devices: register.devices.clone(),
     };
     let mut running: Running = HashMap::new();
-    let mut idle_since = Instant::now();
     loop {
+        // The lease starts no earlier than the registration is sent.
+        let asked = Instant::now();
         let reply = match coordinators.client().register(register.clone()).await {
             Ok(reply) => reply.into_inner(),
             Err(s) if s.code() == tonic::Code::InvalidArgument => {
@@ -187,25 +188,21 @@ async fn serve(
         let heartbeat = Duration::from_millis(reply.heartbeat_ms.max(100));
         let lease = Duration::from_millis(reply.lease_ttl_ms);
         // When the last heartbeat that got through was sent: the coordinator renewed the lease
-        // after that, so past `last_ok + lease` the worker is certainly given up on.
-        let mut last_ok = Instant::now();
+        // after that, so from `last_ok + lease` on the worker is certainly given up on.
+        let mut last_ok = asked;
+        let mut idle_since = Instant::now();
         loop {
-            tokio::time::sleep(heartbeat).await;
-            if last_ok.elapsed() > lease && !running.is_empty() {
+            let expiry = last_ok + lease;
+            tokio::time::sleep(heartbeat.min(expiry.saturating_duration_since(Instant::now())))
+                .await;
+            if Instant::now() >= expiry {
                 eprintln!(
-                    "worker {id}: not heard for {lease:?}; its work was given away: stopping its processes"
+                    "worker {id}: not heard for {lease:?}; its work was given away: stopping its processes and registering again"
                 );
                 stop_all(&mut running);
-            }
-            if !running.is_empty() {
-                idle_since = Instant::now();
-            } else if idle_exit.is_some_and(|idle| idle_since.elapsed() >= idle) {
-                eprintln!("worker {id}: idle for {idle_exit:?}; leaving the pool");
                 let leave = v1::LeaveRequest { worker_id: id };
-                if let Err(s) = coordinators.client().leave(leave).await {
-                    tracing::warn!("leaving: {} (the lease will expire)", s.message());
-                }
-                return Ok(());
+                let _ = tokio::time::timeout(heartbeat, coordinators.client().leave(leave)).await;
+                break;
             }
             let statuses = refresh(&running);
             let request = v1::HeartbeatRequest {
@@ -214,9 +211,9 @@ async fn serve(
             };
             let sent = Instant::now();
             // No later than the lease's end, so a hung call cannot outlive it.
-            let left = lease
-                .saturating_sub(last_ok.elapsed())
-                .max(Duration::from_millis(200));
+            let left = expiry
+                .saturating_duration_since(sent)
+                .max(Duration::from_millis(100));
             let call = coordinators.client().heartbeat(request);
             let answer = match tokio::time::timeout(left, call).await {
                 Ok(answer) => answer,
@@ -228,6 +225,17 @@ async fn serve(
                 Ok(reply) => {
                     last_ok = sent;
                     reconcile(&mut running, reply.into_inner().assignments, &how);
+                    // Idle means: the coordinator just said there is nothing to run.
+                    if !running.is_empty() {
+                        idle_since = Instant::now();
+                    } else if idle_exit.is_some_and(|idle| idle_since.elapsed() >= idle) {
+                        eprintln!("worker {id}: idle for {idle_exit:?}; leaving the pool");
+                        let leave = v1::LeaveRequest { worker_id: id };
+                        if let Err(s) = coordinators.client().leave(leave).await {
+                            tracing::warn!("leaving: {} (the lease will expire)", s.message());
+                        }
+                        return Ok(());
+                    }
                 }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     eprintln!(
@@ -311,7 +319,10 @@ fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Laun
                     if let Some(d) = &device {
                         cmd.env("CUDA_VISIBLE_DEVICES", d.strip_prefix("cuda:").unwrap_or(d));
                     }
-                    Ok(ServiceProcess::spawn(cmd, READY)?)
+                    let started = |pid| {
+                        slot.lock().expect("not poisoned").status.pid = pid;
+                    };
+                    Ok(ServiceProcess::spawn_with(cmd, READY, started)?)
                 });
             let mut slot = slot.lock().expect("not poisoned");
             match started {
@@ -334,6 +345,16 @@ fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Laun
 fn stop(slot: &Arc<Mutex<Slot>>) {
     let mut slot = slot.lock().expect("not poisoned");
     slot.stopped = true;
+    if slot.status.state == state::STARTING && slot.status.pid != 0 {
+        // Still loading: killed now, not once it is ready (its replacement may need the device).
+        #[cfg(unix)]
+        // SAFETY: kill(2) has no memory effects. The pid is one this worker started; it is
+        // reaped only if its start fails, just before the starting thread marks it exited, so
+        // the one risk is a pid reused in that instant.
+        unsafe {
+            libc::kill(slot.status.pid as libc::pid_t, libc::SIGKILL);
+        }
+    }
     if let Some(mut p) = slot.process.take() {
         eprintln!("stopping {}", slot.status.id);
         // Killing waits for the exit (a GPU teardown can take a while): off the heartbeat loop.
