@@ -58,6 +58,9 @@ pub struct Worker {
     pub address: String,
     pub devices: Vec<String>,
     pub capacity: u32,
+    /// Learner workers: ports on `address` for data-parallel rings, one per slot.
+    #[serde(default)]
+    pub collective_ports: Vec<u32>,
     pub registered: f64,
     pub last_heartbeat: f64,
     pub lease: LeaseId,
@@ -72,6 +75,9 @@ pub struct AssignmentSpec {
     pub args: Vec<String>,
     pub log_path: String,
     pub generation: u64,
+    /// The worker's collective port this assignment uses (learner ranks of a ring), 0: none.
+    #[serde(default)]
+    pub collective_port: u32,
 }
 
 impl AssignmentSpec {
@@ -134,6 +140,24 @@ pub enum HeartbeatError {
     /// The worker is not registered (its lease expired): it must register again.
     Unknown(String),
     Store(anyhow::Error),
+}
+
+/// A worker with free capacity: how many slots, and its collective ports no assignment uses.
+struct Free {
+    worker: Worker,
+    left: usize,
+    ports: Vec<u32>,
+}
+
+/// A worker chosen for one process of a gang, as the gang's commands need to know it.
+#[derive(Debug, Clone)]
+pub struct Chosen {
+    pub role: String,
+    pub worker: String,
+    /// The host its processes bind.
+    pub address: String,
+    /// A collective port of the worker for this process, if it offers any (learners).
+    pub collective_port: Option<u32>,
 }
 
 /// Where one of a job's worker commands was placed.
@@ -242,6 +266,7 @@ impl Pool {
                 address: r.address.clone(),
                 devices: r.devices.clone(),
                 capacity: r.capacity,
+                collective_ports: r.collective_ports.clone(),
                 registered: now(),
                 last_heartbeat: now(),
                 lease,
@@ -405,20 +430,30 @@ impl Pool {
         Ok(out)
     }
 
-    /// Workers of `role` with free capacity, most free first: (worker, free slots).
-    async fn free(&self, role: &str) -> Result<Vec<(Worker, usize)>> {
+    /// Workers of `role` with free capacity, most free first.
+    async fn free(&self, role: &str) -> Result<Vec<Free>> {
         let mut free = Vec::new();
         for (_, w) in parse_all::<Worker>(self.store.list(WORKERS).await?) {
             if w.role != role {
                 continue;
             }
-            let used = self.assignments(&w.id).await?.len();
-            let left = (w.capacity as usize).saturating_sub(used);
+            let taken = self.assignments(&w.id).await?;
+            let left = (w.capacity as usize).saturating_sub(taken.len());
+            let ports = w
+                .collective_ports
+                .iter()
+                .copied()
+                .filter(|p| !taken.iter().any(|a| a.collective_port == *p))
+                .collect();
             if left > 0 {
-                free.push((w, left));
+                free.push(Free {
+                    worker: w,
+                    left,
+                    ports,
+                });
             }
         }
-        free.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.id.cmp(&b.0.id)));
+        free.sort_by(|a, b| b.left.cmp(&a.left).then(a.worker.id.cmp(&b.worker.id)));
         Ok(free)
     }
 
@@ -426,48 +461,72 @@ impl Pool {
     pub async fn free_capacity(&self) -> Result<BTreeMap<String, usize>> {
         let mut out = BTreeMap::new();
         for role in ROLES {
-            let n = self.free(role).await?.iter().map(|(_, n)| n).sum();
+            let n = self.free(role).await?.iter().map(|f| f.left).sum();
             out.insert(role.to_string(), n);
         }
         Ok(out)
     }
 
-    /// Places every command of `job` on a worker of its role with free capacity, or none of them
-    /// (gang placement): `Ok(None)` when the pool is too small right now. Only one caller may
-    /// place at a time (the active coordinator's scheduling pass).
+    /// Places a gang — one process per entry of `roles`, each on a worker of that role with
+    /// free capacity — or nothing: `Ok(None)` when the pool is too small right now. `build`
+    /// makes the commands (in `roles`' order) once the workers are chosen, so they can name
+    /// each other (a learner ring's peers). One placement at a time (see `placing`).
     pub async fn place(
         &self,
         job: &str,
-        commands: &[WorkerCommand],
+        roles: &[&str],
+        build: impl FnOnce(&[Chosen]) -> Result<Vec<WorkerCommand>>,
         logs: &std::path::Path,
-    ) -> Result<Option<Vec<Placement>>> {
+    ) -> Result<Option<(Vec<WorkerCommand>, Vec<Placement>)>> {
         let _placing = self.placing.lock().await;
-        let mut free: BTreeMap<&str, Vec<(Worker, usize)>> = BTreeMap::new();
-        for c in commands {
-            if !free.contains_key(c.role) {
-                free.insert(c.role, self.free(c.role).await?);
+        let mut free: BTreeMap<&str, Vec<Free>> = BTreeMap::new();
+        for role in roles {
+            if !free.contains_key(role) {
+                free.insert(role, self.free(role).await?);
             }
         }
         let mut chosen = Vec::new();
-        for c in commands {
-            let candidates = free.get_mut(c.role).expect("listed above");
-            let Some(slot) = candidates.iter_mut().find(|(_, left)| *left > 0) else {
+        for role in roles {
+            let candidates = free.get_mut(role).expect("listed above");
+            let Some(slot) = candidates.iter_mut().find(|f| f.left > 0) else {
                 return Ok(None);
             };
-            slot.1 -= 1;
-            chosen.push((slot.0.clone(), c));
+            slot.left -= 1;
+            let port = (!slot.ports.is_empty()).then(|| slot.ports.remove(0));
+            chosen.push((
+                slot.worker.clone(),
+                Chosen {
+                    role: role.to_string(),
+                    worker: slot.worker.id.clone(),
+                    address: slot.worker.address.clone(),
+                    collective_port: port,
+                },
+            ));
+        }
+        let views: Vec<Chosen> = chosen.iter().map(|(_, c)| c.clone()).collect();
+        let commands = build(&views)?;
+        if commands.len() != chosen.len() {
+            bail!(
+                "{} commands for {} placed processes",
+                commands.len(),
+                chosen.len()
+            );
         }
         let mut placements = Vec::new();
-        for (worker, c) in chosen {
+        for ((worker, c), command) in chosen.iter().zip(&commands) {
             let placement = Placement {
                 worker: worker.id.clone(),
                 spec: AssignmentSpec {
                     job: job.to_string(),
-                    role: c.role.to_string(),
-                    index: c.index as u32,
-                    args: c.args.clone(),
-                    log_path: logs.join(format!("{}.log", c.name())).display().to_string(),
+                    role: command.role.to_string(),
+                    index: command.index as u32,
+                    args: command.args.clone(),
+                    log_path: logs
+                        .join(format!("{}.log", command.name()))
+                        .display()
+                        .to_string(),
                     generation: placement_generation(),
+                    collective_port: c.collective_port.unwrap_or(0),
                 },
             };
             if let Err(e) = self.assign(&placement, worker.lease).await {
@@ -476,7 +535,7 @@ impl Pool {
             }
             placements.push(placement);
         }
-        Ok(Some(placements))
+        Ok(Some((commands, placements)))
     }
 
     async fn assign(&self, p: &Placement, lease: LeaseId) -> Result<()> {
@@ -576,7 +635,7 @@ impl Pool {
         let worker = match self.worker(&p.worker).await? {
             Some(w) => w,
             None => match self.free(&p.spec.role).await?.into_iter().next() {
-                Some((w, _)) => w,
+                Some(f) => f.worker,
                 None => return Ok(false),
             },
         };
@@ -694,6 +753,11 @@ pub struct PoolSupervisor {
 #[tonic::async_trait]
 impl Supervisor for PoolSupervisor {
     async fn replace_learner(&self, rank: usize) -> Result<String> {
+        if self.commands.iter().filter(|c| c.role == "learner").count() > 1 {
+            bail!(
+                "learner rank {rank} died; one rank of a data-parallel ring cannot be replaced alone (the checkpoints are in the job's output folder: `rlhf run JOB --resume` continues from them)"
+            );
+        }
         let command = self
             .commands
             .iter()

@@ -391,23 +391,32 @@ impl Coordinator {
     }
 
     /// Places `job`'s gang on pool workers: `Ok(None)` (and the job's `waiting` note set)
-    /// when the pool is too small now. Assignments a previous coordinator left for the job are
-    /// taken back first.
+    /// when the pool is too small now. Data-parallel learner ranks form their ring on the
+    /// collective ports their workers offer.
     async fn place(&self, job: &StoredJob, resume: bool) -> Result<Option<Placed>> {
         let id = &job.record.id;
         let spec = job.spec().map_err(|e| JobProblem(format!("{e:#}")))?;
-        if spec.resources.learner_ranks > 1 {
-            return Err(JobProblem(format!(
-                "resources.learner_ranks = {}: data-parallel learners run with the local launcher only so far (their ring addresses are chosen before start)",
-                spec.resources.learner_ranks
-            ))
-            .into());
-        }
-        let commands = crate::launcher::worker_commands(&spec, resume, &[])
-            .map_err(|e| JobProblem(format!("{e:#}")))?;
+        let ranks = spec.resources.learner_ranks;
+        // In the order worker_commands gives them.
+        let mut roles = vec!["reward"];
+        roles.extend(std::iter::repeat_n("learner", ranks));
+        roles.extend(std::iter::repeat_n("actor", spec.resources.actors));
+        let build = |chosen: &[crate::pool::Chosen]| {
+            let mut peers = Vec::new();
+            for c in chosen.iter().filter(|c| c.role == "learner" && ranks > 1) {
+                let port = c.collective_port.with_context(|| {
+                    format!(
+                        "learner worker {} offers no collective port for a ring of {ranks} ranks",
+                        c.worker
+                    )
+                })?;
+                peers.push(format!("{}:{port}", c.address));
+            }
+            crate::launcher::worker_commands(&spec, resume, &peers)
+        };
         let logs = spec.output_dir().join("logs");
-        match self.pool.place(id, &commands, &logs).await? {
-            Some(placements) => {
+        match self.pool.place(id, &roles, build, &logs).await? {
+            Some((commands, placements)) => {
                 if !job.slurm_job.is_empty() {
                     // A later placement (a resume) may need Slurm again.
                     self.update(id, |j| j.slurm_job.clear()).await?;
@@ -419,8 +428,8 @@ impl Coordinator {
             }
             None => {
                 let mut need: BTreeMap<&str, usize> = BTreeMap::new();
-                for c in &commands {
-                    *need.entry(c.role).or_default() += 1;
+                for role in &roles {
+                    *need.entry(role).or_default() += 1;
                 }
                 let free = self.pool.free_capacity().await?;
                 let mut waiting = format!(

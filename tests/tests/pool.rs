@@ -234,6 +234,40 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
     assert!(metrics.contains("critic/value_loss"));
 }
 
+#[test]
+fn data_parallel_learner_ranks_form_their_ring_across_pool_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("embedded:{}", dir.path().join("state/store.json").display());
+    let c = coordinator(
+        &store,
+        &dir.path().join("state"),
+        "c1",
+        &["--launcher", "static"],
+    );
+    let url = c.url();
+    let _pool = [
+        Agent::start(&url, "reward", "n1"),
+        Agent::start(&url, "learner", "n1"),
+        Agent::start(&url, "learner", "n2"),
+        Agent::start(&url, "actor", "n3"),
+    ];
+    let id = submit(
+        &url,
+        &job(dir.path(), "ring", 3, 0, "[resources]\nlearner_ranks = 2\n"),
+    );
+    let done = wait_state(&url, &id, "succeeded", Duration::from_secs(300));
+    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    assert_eq!(metric_steps(&out), vec![1, 2, 3]);
+    // Each rank's config names both ranks' ring addresses: a port each learner worker offered.
+    let config: toml::Table = std::fs::read_to_string(out.join("workers/learner-1.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let peers = config["parallel"]["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 2, "{peers:?}");
+    assert_ne!(peers[0], peers[1]);
+}
+
 /// Stand-ins for Slurm's `sbatch`, `squeue` and `srun` (Slurm cannot run here), written into
 /// `dir`. `sbatch` numbers its jobs from 4241 and runs the script in the background on this
 /// machine (detached from sbatch's output, as Slurm's jobs are), except that the first job

@@ -113,6 +113,7 @@ pub fn run(w: WorkerArgs) -> Result<()> {
             address: w.advertise.clone(),
             devices: w.devices.clone(),
             capacity: w.capacity,
+            collective_ports: Vec::new(),
         };
         let idle = w.exit_when_idle.map(std::time::Duration::from_secs);
         return agent::run(coordinator, register, idle);
