@@ -279,7 +279,24 @@ impl Controller {
             }
             self.version = report.weight_version;
             let t = Instant::now();
-            self.sync_weights(self.version).await?;
+            if let Err(e) = self.sync_weights(self.version).await {
+                if self.learners_alive().await {
+                    return Err(e);
+                }
+                self.emit(Event::Log(format!(
+                    "learner died while its weights were synced after step {step} ({e:#}); replacing it"
+                )));
+                if let Some(h) = prefetched.take() {
+                    h.abort();
+                }
+                // The replacement syncs the actors itself.
+                let restored = self.recover_learner().await?;
+                if restored < step {
+                    step = restored + 1;
+                    continue;
+                }
+                // The step's update survived in the checkpoint: it is recorded below.
+            }
             let sync_seconds = t.elapsed().as_secs_f64();
             let mut metrics: BTreeMap<String, f64> = report.metrics.into_iter().collect();
             metrics.insert("rollout/generate_s".into(), rollouts.seconds);

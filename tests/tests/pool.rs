@@ -174,8 +174,24 @@ fn a_grpo_job_waits_for_workers_runs_on_them_and_frees_them_with_etcd() {
     assert!(entered(&short_done, "placing") >= entered(&cancelled, "cancelled") - 1.0);
 }
 
+/// Waits until `f` holds; on timeout, fails with the job's status and the pool's state.
+fn wait_or_dump(url: &str, id: &str, what: &str, within: Duration, f: &mut dyn FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !f() {
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "timed out waiting for {what}\njob: {}\nworkers: {:#?}",
+                status(url, id),
+                workers(url)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker() {
+    const STEPS: u64 = 80;
     let dir = tempfile::tempdir().unwrap();
     let store = format!("embedded:{}", dir.path().join("state/store.json").display());
     // A short worker lease, so a lost worker is noticed within a few of this job's steps.
@@ -193,43 +209,41 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
     ];
     let doomed = Agent::start(&url, "actor", "n3");
     let ppo = format!("{PPO}[resources]\nactors = 2\n");
-    let id = submit(&url, &job(dir.path(), "ppo-pool", 60, 0, &ppo));
-    wait_for("step 1", Duration::from_secs(180), || step(&url, &id) >= 1);
+    let id = submit(&url, &job(dir.path(), "ppo-pool", STEPS, 0, &ppo));
+    let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
+        wait_or_dump(&url, &id, what, Duration::from_secs(120), f)
+    };
+    wait("step 2", &mut || step(&url, &id) >= 2);
+
+    // The learner process is killed (its worker lives): it is restarted from its checkpoint.
+    let (_, learner) = assignment(&url, &id, "learner-0").expect("the learner is placed");
+    let generation = learner["generation"].as_u64().unwrap();
+    assert!(step(&url, &id) < STEPS / 2, "the job must still be running");
+    signal(learner["pid"].as_u64().unwrap() as u32, "KILL");
+    wait("the learner's restart", &mut || {
+        assignment(&url, &id, "learner-0")
+            .is_some_and(|(_, a)| a["generation"] == generation + 1 && a["state"] == "ready")
+    });
 
     // The actor worker on n3 dies with its process: the other actor takes its prompts, and a
     // worker that registers later is given the assignment, the weights, and joins.
+    let at = step(&url, &id);
+    wait("a step after the learner's restart", &mut || {
+        step(&url, &id) > at
+    });
     let (lost, _) = assignment(&url, &id, "actor-1").expect("actor-1 is placed");
     drop(doomed);
     let _spare = Agent::start(&url, "actor", "n4");
-    wait_for(
-        "the spare worker to take actor-1",
-        Duration::from_secs(120),
-        || {
-            assignment(&url, &id, "actor-1").is_some_and(|(w, a)| {
-                w["id"] != lost["id"] && w["node"] == "n4" && a["state"] == "ready"
-            })
-        },
-    );
-
-    // The learner process is killed (its worker lives): it is restarted from its checkpoint.
-    let at = step(&url, &id);
-    wait_for(
-        "a step after the actor change",
-        Duration::from_secs(120),
-        || step(&url, &id) > at,
-    );
-    let (_, learner) = assignment(&url, &id, "learner-0").expect("the learner is placed");
-    let generation = learner["generation"].as_u64().unwrap();
-    signal(learner["pid"].as_u64().unwrap() as u32, "KILL");
-    wait_for("the learner's restart", Duration::from_secs(120), || {
-        assignment(&url, &id, "learner-0")
-            .is_some_and(|(_, a)| a["generation"] == generation + 1 && a["state"] == "ready")
+    wait("the spare worker to take actor-1", &mut || {
+        assignment(&url, &id, "actor-1").is_some_and(|(w, a)| {
+            w["id"] != lost["id"] && w["node"] == "n4" && a["state"] == "ready"
+        })
     });
 
     let done = wait_state(&url, &id, "succeeded", Duration::from_secs(400));
     let out = PathBuf::from(done["output_dir"].as_str().unwrap());
     // Every step once, in order: none lost, none applied twice.
-    assert_eq!(metric_steps(&out), (1..=60).collect::<Vec<u64>>());
+    assert_eq!(metric_steps(&out), (1..=STEPS).collect::<Vec<u64>>());
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("critic/value_loss"));
 }
