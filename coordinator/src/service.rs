@@ -310,7 +310,17 @@ impl Coordinator {
                 LauncherKind::Static | LauncherKind::Slurm => match self.place(job, resume).await {
                     Ok(Some(placed)) => Some(placed),
                     // Strict order: a job waiting for workers is not overtaken.
-                    Ok(None) => break,
+                    Ok(None) => {
+                        if resume && job.record.state != JobState::Placing {
+                            // An orphan nobody runs: say so instead of "running".
+                            let reason = "interrupted (its coordinator or workers are gone); waiting to be placed again";
+                            self.update(&job.record.id, |j| {
+                                let _ = j.record.transition(JobState::Placing, reason);
+                            })
+                            .await?;
+                        }
+                        break;
+                    }
                     Err(e) if e.downcast_ref::<JobProblem>().is_some() => {
                         self.finish(&job.record.id, Err(e)).await?;
                         continue;

@@ -282,6 +282,40 @@ fn data_parallel_learner_ranks_form_their_ring_across_pool_workers() {
     assert_ne!(peers[0], peers[1]);
 }
 
+#[test]
+fn a_job_waiting_to_be_placed_again_is_cancelled_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let store = format!("embedded:{}", state.join("store.json").display());
+    let args = ["--launcher", "static"];
+    let mut first = coordinator(&store, &state, "c1", &args);
+    let url = first.url();
+    let pool = [
+        Agent::start(&url, "reward", "n1"),
+        Agent::start(&url, "learner", "n1"),
+        Agent::start(&url, "actor", "n2"),
+    ];
+    let id = submit(&url, &job(dir.path(), "orphan", 500, 0, ""));
+    wait_for("step 1", Duration::from_secs(120), || step(&url, &id) >= 1);
+    // The coordinator and its workers die; a new coordinator finds the job with no one to run it
+    // and nowhere to place it.
+    first.kill();
+    drop(pool);
+    let second = coordinator(&store, &state, "c2", &args);
+    let url = second.url();
+    wait_for(
+        "the orphan to wait for workers",
+        Duration::from_secs(60),
+        || {
+            let s = status(&url, &id);
+            s["state"] == "placing" && s["waiting"].as_str().unwrap().contains("needs")
+        },
+    );
+    cli(&url, &["cancel", &id]);
+    let cancelled = wait_state(&url, &id, "cancelled", Duration::from_secs(10));
+    assert!(cancelled["last_step"].as_u64().unwrap() < 500);
+}
+
 /// Stand-ins for Slurm's `sbatch`, `squeue` and `srun` (Slurm cannot run here), written into
 /// `dir`. `sbatch` numbers its jobs from 4241 and runs the script in the background on this
 /// machine (detached from sbatch's output, as Slurm's jobs are), except that the first job
