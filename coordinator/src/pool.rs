@@ -123,16 +123,9 @@ impl Status {
 }
 
 /// A worker left the pool before its part of a gang was ready: the job can be placed again.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 pub struct WorkerLeft(pub String);
-
-impl std::fmt::Display for WorkerLeft {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for WorkerLeft {}
 
 /// Why a heartbeat was refused.
 #[derive(Debug)]

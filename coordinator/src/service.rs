@@ -713,16 +713,9 @@ impl Coordinator {
 }
 
 /// A problem with the job itself (its spec, its resources): placing it again would fail again.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
 struct JobProblem(String);
-
-impl std::fmt::Display for JobProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for JobProblem {}
 
 /// A job's gang as placed on pool workers.
 struct Placed {
