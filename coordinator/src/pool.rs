@@ -38,6 +38,8 @@ pub const ROLES: [&str; 3] = ["actor", "learner", "reward"];
 
 /// What a worker reports about an assignment's process.
 pub mod state {
+    /// Placed, not reported on yet by its worker (listings only).
+    pub const ASSIGNED: &str = "assigned";
     /// Being started (loading its model).
     pub const STARTING: &str = "starting";
     /// Serving at its URL.
@@ -401,7 +403,7 @@ impl Pool {
                     v1::AssignmentStatus {
                         id: a.id(),
                         generation: a.generation,
-                        state: s.map_or("assigned".into(), |s| s.state.clone()),
+                        state: s.map_or(state::ASSIGNED.into(), |s| s.state.clone()),
                         url: s.map(|s| s.url.clone()).unwrap_or_default(),
                         detail: s.map(|s| s.detail.clone()).unwrap_or_default(),
                         pid: s.map_or(0, |s| s.pid),
@@ -423,13 +425,10 @@ impl Pool {
         Ok(out)
     }
 
-    /// Workers of `role` with free capacity, most free first.
-    async fn free(&self, role: &str) -> Result<Vec<Free>> {
-        let mut free = Vec::new();
+    /// Workers with free capacity by role, most free first (one listing of the pool).
+    async fn free(&self) -> Result<BTreeMap<String, Vec<Free>>> {
+        let mut free: BTreeMap<String, Vec<Free>> = BTreeMap::new();
         for (_, w) in parse_all::<Worker>(self.store.list(WORKERS).await?) {
-            if w.role != role {
-                continue;
-            }
             let taken = self.assignments(&w.id).await?;
             let left = (w.capacity as usize).saturating_sub(taken.len());
             let ports = w
@@ -439,25 +438,31 @@ impl Pool {
                 .filter(|p| !taken.iter().any(|a| a.collective_port == *p))
                 .collect();
             if left > 0 {
-                free.push(Free {
+                free.entry(w.role.clone()).or_default().push(Free {
                     worker: w,
                     left,
                     ports,
                 });
             }
         }
-        free.sort_by(|a, b| b.left.cmp(&a.left).then(a.worker.id.cmp(&b.worker.id)));
+        for workers in free.values_mut() {
+            workers.sort_by(|a, b| b.left.cmp(&a.left).then(a.worker.id.cmp(&b.worker.id)));
+        }
         Ok(free)
     }
 
     /// Free capacity per role (for "waiting for workers" messages).
     pub async fn free_capacity(&self) -> Result<BTreeMap<String, usize>> {
-        let mut out = BTreeMap::new();
-        for role in ROLES {
-            let n = self.free(role).await?.iter().map(|f| f.left).sum();
-            out.insert(role.to_string(), n);
-        }
-        Ok(out)
+        let free = self.free().await?;
+        Ok(ROLES
+            .iter()
+            .map(|role| {
+                let n = free
+                    .get(*role)
+                    .map_or(0, |f| f.iter().map(|f| f.left).sum());
+                (role.to_string(), n)
+            })
+            .collect())
     }
 
     /// Places a gang — one process per entry of `roles`, each on a worker of that role with
@@ -472,32 +477,25 @@ impl Pool {
         logs: &std::path::Path,
     ) -> Result<Option<(Vec<WorkerCommand>, Vec<Placement>)>> {
         let _placing = self.placing.lock().await;
-        let mut free: BTreeMap<&str, Vec<Free>> = BTreeMap::new();
+        let mut free = self.free().await?;
+        let (mut chosen, mut leases) = (Vec::new(), Vec::new());
         for role in roles {
-            if !free.contains_key(role) {
-                free.insert(role, self.free(role).await?);
-            }
-        }
-        let mut chosen = Vec::new();
-        for role in roles {
-            let candidates = free.get_mut(role).expect("listed above");
-            let Some(slot) = candidates.iter_mut().find(|f| f.left > 0) else {
+            let slot = free
+                .get_mut(*role)
+                .and_then(|candidates| candidates.iter_mut().find(|f| f.left > 0));
+            let Some(slot) = slot else {
                 return Ok(None);
             };
             slot.left -= 1;
-            let port = (!slot.ports.is_empty()).then(|| slot.ports.remove(0));
-            chosen.push((
-                slot.worker.clone(),
-                Chosen {
-                    role: role.to_string(),
-                    worker: slot.worker.id.clone(),
-                    address: slot.worker.address.clone(),
-                    collective_port: port,
-                },
-            ));
+            leases.push(slot.worker.lease);
+            chosen.push(Chosen {
+                role: role.to_string(),
+                worker: slot.worker.id.clone(),
+                address: slot.worker.address.clone(),
+                collective_port: (!slot.ports.is_empty()).then(|| slot.ports.remove(0)),
+            });
         }
-        let views: Vec<Chosen> = chosen.iter().map(|(_, c)| c.clone()).collect();
-        let commands = build(&views)?;
+        let commands = build(&chosen)?;
         if commands.len() != chosen.len() {
             bail!(
                 "{} commands for {} placed processes",
@@ -506,9 +504,9 @@ impl Pool {
             );
         }
         let mut placements = Vec::new();
-        for ((worker, c), command) in chosen.iter().zip(&commands) {
+        for ((c, lease), command) in chosen.iter().zip(leases).zip(&commands) {
             let placement = Placement {
-                worker: worker.id.clone(),
+                worker: c.worker.clone(),
                 spec: AssignmentSpec {
                     job: job.to_string(),
                     role: command.role.to_string(),
@@ -522,7 +520,7 @@ impl Pool {
                     collective_port: c.collective_port.unwrap_or(0),
                 },
             };
-            if let Err(e) = self.assign(&placement, worker.lease).await {
+            if let Err(e) = self.assign(&placement, lease).await {
                 self.release(job).await?;
                 return Err(e);
             }
@@ -600,19 +598,16 @@ impl Pool {
         })
     }
 
-    /// The jobs that hold assignments.
-    pub async fn assigned_jobs(&self) -> Result<std::collections::BTreeSet<String>> {
-        let listing = self.store.list(ASSIGNMENTS).await?;
-        Ok(parse_all::<AssignmentSpec>(listing)
-            .into_iter()
-            .map(|(_, a)| a.job)
-            .collect())
-    }
-
     /// Takes every assignment of `job` away from its worker (the workers stop the processes).
     pub async fn release(&self, job: &str) -> Result<()> {
+        self.release_where(|j| j == job).await
+    }
+
+    /// Takes away every assignment whose job matches `pred` (one listing of all assignments).
+    pub async fn release_where(&self, pred: impl Fn(&str) -> bool) -> Result<()> {
         for (key, spec) in parse_all::<AssignmentSpec>(self.store.list(ASSIGNMENTS).await?) {
-            if spec.job == job {
+            if pred(&spec.job) {
+                tracing::info!(job = spec.job, "releasing {}", spec.id());
                 self.store.delete(&key).await?;
                 let status = format!("{STATUS}{}", &key[ASSIGNMENTS.len()..]);
                 self.store.delete(&status).await?;
@@ -627,10 +622,13 @@ impl Pool {
         let _placing = self.placing.lock().await;
         let worker = match self.worker(&p.worker).await? {
             Some(w) => w,
-            None => match self.free(&p.spec.role).await?.into_iter().next() {
-                Some(f) => f.worker,
-                None => return Ok(false),
-            },
+            None => {
+                let free = self.free().await?.remove(&p.spec.role);
+                match free.and_then(|f| f.into_iter().next()) {
+                    Some(f) => f.worker,
+                    None => return Ok(false),
+                }
+            }
         };
         p.worker = worker.id.clone();
         p.spec.args = args.to_vec();

@@ -360,16 +360,9 @@ impl Coordinator {
         // Only this (active) coordinator places, under the `running` lock, so assignments of a
         // job it does not run are stale: the job ended, or is an orphan that will be placed
         // afresh (its old processes must not hold slots another orphan needs meanwhile).
-        for id in self.pool.assigned_jobs().await? {
-            if !running.contains_key(&id) {
-                tracing::info!(
-                    id,
-                    "releasing the workers of a job this coordinator does not run"
-                );
-                self.pool.release(&id).await?;
-            }
-        }
-        Ok(())
+        self.pool
+            .release_where(|job| !running.contains_key(job))
+            .await
     }
 
     /// Sets the job and pool gauges from the store.
