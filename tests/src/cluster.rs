@@ -9,6 +9,11 @@ use rlhf_proto::process::ServiceProcess;
 
 use crate::{bin, metric_steps, tiny_job, wait_for};
 
+/// The `--store` URL of an embedded store in `state` (`state/store.json`).
+pub fn embedded_store(state: &Path) -> String {
+    format!("embedded:{}", state.join("store.json").display())
+}
+
 /// `rlhf coordinator` on a free loopback port with `store`, `state_dir` and `name`, plus `extra`
 /// arguments.
 pub fn coordinator(store: &str, state_dir: &Path, name: &str, extra: &[&str]) -> ServiceProcess {

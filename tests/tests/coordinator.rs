@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rlhf_proto::process::ServiceProcess;
 use rlhf_tests::cluster::{
-    cli, entered, job, status, submit, survives_coordinator_death, wait_state,
+    cli, embedded_store, entered, job, status, submit, survives_coordinator_death, wait_state,
 };
 use rlhf_tests::{Etcd, bin, wait_for};
 
@@ -24,7 +24,7 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn jobs_share_the_pool_by_priority_and_cancel_frees_workers() {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("embedded:{}", dir.path().join("state/store.json").display());
+    let store = embedded_store(&dir.path().join("state"));
     let c = coordinator(&store, &dir.path().join("state"), 1, "c1");
     let url = c.url();
 
@@ -90,7 +90,7 @@ fn jobs_share_the_pool_by_priority_and_cancel_frees_workers() {
 #[test]
 fn invalid_jobs_are_refused_with_every_problem() {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("embedded:{}", dir.path().join("store.json").display());
+    let store = embedded_store(dir.path());
     let c = coordinator(&store, dir.path(), 1, "c1");
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"bad name\"\n[policy]\nmodel = \"nowhere\"\n[data]\nprompts = \"none.jsonl\"\n[[objective]]\nname = \"a\"\n").unwrap();
@@ -108,7 +108,7 @@ fn invalid_jobs_are_refused_with_every_problem() {
 #[test]
 fn a_restarted_coordinator_resumes_its_jobs_from_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("embedded:{}", dir.path().join("state/store.json").display());
+    let store = embedded_store(&dir.path().join("state"));
     let state = dir.path().join("state");
     let first = coordinator(&store, &state, 1, "c1");
     let url = first.url();

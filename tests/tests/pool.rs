@@ -3,17 +3,28 @@
 //! wait for workers, run on them, survive a killed learner process and a killed actor worker,
 //! and give the workers back when they end.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use rlhf_proto::process::ServiceProcess;
 use rlhf_tests::cluster::{
-    cli, coordinator, entered, job, status, submit, survives_coordinator_death, wait_state,
+    cli, coordinator, embedded_store, entered, job, status, submit, survives_coordinator_death,
+    wait_state,
 };
 use rlhf_tests::{Etcd, bin, metric_steps, signal, wait_for};
 
 /// The job-file lines that make a tiny job PPO with a critic.
 const PPO: &str = "[learner]\nalgorithm = \"ppo\"\n[learner.ppo]\ncritic_lr = 1e-4\n";
+
+/// A coordinator with the `static` launcher (workers register themselves), plus `extra`.
+fn pool_coordinator(store: &str, state: &Path, name: &str, extra: &[&str]) -> ServiceProcess {
+    let args: Vec<&str> = ["--launcher", "static"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    coordinator(store, state, name, &args)
+}
 
 /// A pool worker process, killed on drop.
 struct Agent(Child);
@@ -72,12 +83,7 @@ fn a_grpo_job_waits_for_workers_runs_on_them_and_frees_them_with_etcd() {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let store = format!("etcd://{}", etcd.endpoint);
-    let c = coordinator(
-        &store,
-        &dir.path().join("state"),
-        "c1",
-        &["--launcher", "static"],
-    );
+    let c = pool_coordinator(&store, &dir.path().join("state"), "c1", &[]);
     let url = c.url();
 
     // Submitted before any worker registered: it waits, and says for what.
@@ -193,13 +199,13 @@ fn wait_or_dump(url: &str, id: &str, what: &str, within: Duration, f: &mut dyn F
 fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker() {
     const STEPS: u64 = 80;
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("embedded:{}", dir.path().join("state/store.json").display());
+    let store = embedded_store(&dir.path().join("state"));
     // A short worker lease, so a lost worker is noticed within a few of this job's steps.
-    let c = coordinator(
+    let c = pool_coordinator(
         &store,
         &dir.path().join("state"),
         "c1",
-        &["--launcher", "static", "--worker-ttl", "3"],
+        &["--worker-ttl", "3"],
     );
     let url = c.url();
     let _stable = [
@@ -251,13 +257,8 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
 #[test]
 fn data_parallel_learner_ranks_form_their_ring_across_pool_workers() {
     let dir = tempfile::tempdir().unwrap();
-    let store = format!("embedded:{}", dir.path().join("state/store.json").display());
-    let c = coordinator(
-        &store,
-        &dir.path().join("state"),
-        "c1",
-        &["--launcher", "static"],
-    );
+    let store = embedded_store(&dir.path().join("state"));
+    let c = pool_coordinator(&store, &dir.path().join("state"), "c1", &[]);
     let url = c.url();
     let _pool = [
         Agent::start(&url, "reward", "n1"),
@@ -286,9 +287,8 @@ fn data_parallel_learner_ranks_form_their_ring_across_pool_workers() {
 fn a_job_waiting_to_be_placed_again_is_cancelled_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let store = format!("embedded:{}", state.join("store.json").display());
-    let args = ["--launcher", "static"];
-    let mut first = coordinator(&store, &state, "c1", &args);
+    let store = embedded_store(&state);
+    let mut first = pool_coordinator(&store, &state, "c1", &[]);
     let url = first.url();
     let pool = [
         Agent::start(&url, "reward", "n1"),
@@ -301,7 +301,7 @@ fn a_job_waiting_to_be_placed_again_is_cancelled_at_once() {
     // and nowhere to place it.
     first.kill();
     drop(pool);
-    let second = coordinator(&store, &state, "c2", &args);
+    let second = pool_coordinator(&store, &state, "c2", &[]);
     let url = second.url();
     wait_for(
         "the orphan to wait for workers",
@@ -362,7 +362,7 @@ fn slurm_launcher_with_fake_sbatch_squeue_and_srun_starts_the_missing_workers() 
     std::fs::write(fake.join("fail-first"), "").unwrap();
     let path = format!("{}:{}", fake.display(), std::env::var("PATH").unwrap());
     let state = dir.path().join("state");
-    let store = format!("embedded:{}", state.join("store.json").display());
+    let store = embedded_store(&state);
     let c = rlhf_tests::cluster::coordinator_with(
         &store,
         &state,
@@ -432,9 +432,9 @@ fn a_ppo_job_on_pool_workers_follows_a_standby_coordinator_that_takes_over_with_
     let dir = tempfile::tempdir().unwrap();
     let store = format!("etcd://{}", etcd.endpoint);
     let state = dir.path().join("state");
-    let args = ["--launcher", "static", "--worker-ttl", "4"];
-    let active = coordinator(&store, &state, "active", &args);
-    let standby = coordinator(&store, &state, "standby", &args);
+    let ttl = ["--worker-ttl", "4"];
+    let active = pool_coordinator(&store, &state, "active", &ttl);
+    let standby = pool_coordinator(&store, &state, "standby", &ttl);
     let both = format!("{},{}", active.url(), standby.url());
     let _pool = [
         Agent::start(&both, "reward", "n1"),
