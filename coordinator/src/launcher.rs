@@ -32,13 +32,15 @@ pub struct LocalCluster {
     peers: Vec<String>,
 }
 
-fn free_ports(n: usize) -> Result<Vec<String>> {
+/// `n` distinct ports free on `host` now (all bound at once, then released).
+pub fn free_ports(host: &str, n: usize) -> Result<Vec<std::net::SocketAddr>> {
     let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<std::io::Result<_>>()?;
+        .map(|_| TcpListener::bind((host, 0)))
+        .collect::<std::io::Result<_>>()
+        .with_context(|| format!("finding {n} free ports on {host}"))?;
     Ok(listeners
         .iter()
-        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .map(TcpListener::local_addr)
         .collect::<std::io::Result<_>>()?)
 }
 
@@ -134,7 +136,10 @@ impl LocalCluster {
         let out = job.output_dir();
         let ranks = job.resources.learner_ranks;
         let peers = if ranks > 1 {
-            free_ports(ranks)?
+            free_ports("127.0.0.1", ranks)?
+                .iter()
+                .map(ToString::to_string)
+                .collect()
         } else {
             Vec::new()
         };

@@ -17,7 +17,7 @@ use rlhf_proto::v1;
 use rlhf_proto::v1::worker_service_client::WorkerServiceClient;
 use tonic::transport::Channel;
 
-use crate::launcher::{READY, worker_process};
+use crate::launcher::{READY, free_ports, worker_process};
 use crate::pool::state;
 
 /// This machine's host name.
@@ -70,13 +70,6 @@ fn free_device(running: &Running, devices: &[String]) -> Option<String> {
         .cloned()
 }
 
-/// A port free on `host` now.
-fn free_port(host: &str) -> Result<u32> {
-    let listener = std::net::TcpListener::bind((host, 0))
-        .with_context(|| format!("finding a free port on {host}"))?;
-    Ok(u32::from(listener.local_addr()?.port()))
-}
-
 /// One assigned process: its status as reported, and the process once started.
 struct Slot {
     /// The accelerator it was given (`CUDA_VISIBLE_DEVICES`), if any.
@@ -99,9 +92,10 @@ pub fn run(
     register.address = resolve(&register.address)?;
     if register.role == "learner" {
         // Ports for data-parallel rings (bound and released, as the local launcher does).
-        register.collective_ports = (0..register.capacity)
-            .map(|_| free_port(&register.address))
-            .collect::<Result<_>>()?;
+        register.collective_ports = free_ports(&register.address, register.capacity as usize)?
+            .iter()
+            .map(|a| u32::from(a.port()))
+            .collect();
     }
     let exe = crate::cli::run::self_exe()?;
     tokio::runtime::Runtime::new()?.block_on(serve(coordinator, register, exe, idle_exit))
