@@ -441,49 +441,64 @@ impl Coordinator {
                     counts(free.iter().map(|(r, n)| (r.as_str(), *n)))
                 );
                 if let Some(slurm) = &self.slurm {
-                    let gone = !job.slurm_job.is_empty()
-                        && self.slurm_job_gone(slurm, &job.slurm_job).await;
-                    if gone {
-                        tracing::warn!(
-                            id,
-                            batch = job.slurm_job,
-                            "the Slurm job for this job's workers ended before they were placed; submitting again"
-                        );
-                    }
-                    let resubmit = job.slurm_job.is_empty() || gone;
-                    let batch = match resubmit {
-                        false => job.slurm_job.clone(),
-                        // A failed sbatch is tried again SLURM_SUBMIT later, not every pass (the
-                        // job's note still says why it failed).
-                        true if self.failed_recently(&format!("sbatch:{id}")).await => {
-                            return Ok(None);
-                        }
-                        true => {
-                            let missing: BTreeMap<String, usize> = need
-                                .iter()
-                                .map(|(r, n)| {
-                                    let free = free.get(*r).copied().unwrap_or(0);
-                                    (r.to_string(), n.saturating_sub(free))
-                                })
-                                .filter(|(_, n)| *n > 0)
-                                .collect();
-                            let batch = match slurm.submit(id, &missing, &logs).await {
-                                Ok(batch) => batch,
-                                Err(e) => {
-                                    let now = std::time::Instant::now();
-                                    let mut times = self.slurm_checked.lock().await;
-                                    times.insert(format!("sbatch:{id}"), now);
-                                    return Err(e);
-                                }
-                            };
-                            self.update(id, |j| j.slurm_job = batch.clone()).await?;
-                            batch
-                        }
+                    let Some(batch) = self.slurm_batch(slurm, job, &need, &free, &logs).await?
+                    else {
+                        // sbatch failed a moment ago: the note still says why.
+                        return Ok(None);
                     };
                     waiting += &format!("; Slurm job {batch} starts the missing workers");
                 }
                 self.set_waiting(job, waiting).await?;
                 Ok(None)
+            }
+        }
+    }
+
+    /// The Slurm batch job that starts the workers `job` lacks (`need` minus `free`, per
+    /// role): the one submitted earlier while Slurm still lists it, else a new one. `None` while
+    /// a failed sbatch for the job waits [`SLURM_SUBMIT`] to be tried again.
+    async fn slurm_batch(
+        &self,
+        slurm: &Slurm,
+        job: &StoredJob,
+        need: &BTreeMap<&str, usize>,
+        free: &BTreeMap<String, usize>,
+        logs: &Path,
+    ) -> Result<Option<String>> {
+        let id = &job.record.id;
+        if !job.slurm_job.is_empty() {
+            if !self.slurm_job_gone(slurm, &job.slurm_job).await {
+                return Ok(Some(job.slurm_job.clone()));
+            }
+            tracing::warn!(
+                id,
+                batch = job.slurm_job,
+                "the Slurm job for this job's workers ended before they were placed; submitting again"
+            );
+        }
+        let failed = format!("sbatch:{id}");
+        if self.failed_recently(&failed).await {
+            return Ok(None);
+        }
+        let missing: BTreeMap<String, usize> = need
+            .iter()
+            .map(|(r, n)| {
+                (
+                    r.to_string(),
+                    n.saturating_sub(free.get(*r).copied().unwrap_or(0)),
+                )
+            })
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        match slurm.submit(id, &missing, logs).await {
+            Ok(batch) => {
+                self.update(id, |j| j.slurm_job = batch.clone()).await?;
+                Ok(Some(batch))
+            }
+            Err(e) => {
+                let now = std::time::Instant::now();
+                self.slurm_checked.lock().await.insert(failed, now);
+                Err(e)
             }
         }
     }
