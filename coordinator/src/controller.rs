@@ -60,6 +60,12 @@ pub trait Supervisor: Send + Sync {
     async fn new_actors(&self) -> Vec<String>;
 }
 
+/// A job's running workers and who replaces them when they die.
+pub struct Gang {
+    pub endpoints: Endpoints,
+    pub supervisor: Box<dyn Supervisor>,
+}
+
 /// A supervisor that can replace nothing (workers started by someone else).
 pub struct NoSupervisor;
 

@@ -22,7 +22,7 @@ use rlhf_proto::v1;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::controller::{Endpoints, Supervisor};
+use crate::controller::{Endpoints, Gang, Supervisor};
 use crate::launcher::WorkerCommand;
 use crate::state::now;
 use crate::store::{AnyStore, LeaseId, StateStore};
@@ -690,22 +690,16 @@ impl Pool {
     }
 }
 
-/// A job's gang on pool workers: where it serves, and the supervisor that replaces its dead
-/// workers.
-pub struct PoolGang {
-    pub endpoints: Endpoints,
-    pub supervisor: PoolSupervisor,
-}
-
-impl PoolGang {
-    /// Waits for the placed processes and assembles the gang.
-    pub async fn ready(
-        pool: Pool,
+impl Pool {
+    /// Waits for a job's placed processes and assembles its gang, supervised by a
+    /// [`PoolSupervisor`].
+    pub async fn gang(
+        self,
         commands: Vec<WorkerCommand>,
         placements: Vec<Placement>,
         timeout: Duration,
-    ) -> Result<PoolGang> {
-        let urls = pool.wait_ready(&placements, timeout).await?;
+    ) -> Result<Gang> {
+        let urls = self.wait_ready(&placements, timeout).await?;
         let mut endpoints = Endpoints::default();
         for (p, url) in placements.iter().zip(urls) {
             match p.spec.role.as_str() {
@@ -714,15 +708,15 @@ impl PoolGang {
                 _ => endpoints.actors.push(url),
             }
         }
-        Ok(PoolGang {
+        Ok(Gang {
             endpoints,
-            supervisor: PoolSupervisor {
-                pool,
+            supervisor: Box::new(PoolSupervisor {
+                pool: self,
                 commands,
                 placements: Mutex::new(placements),
                 starting: Mutex::new(Vec::new()),
                 timeout,
-            },
+            }),
         })
     }
 }

@@ -29,12 +29,12 @@ use tokio::sync::{Mutex, Notify, mpsc, oneshot, watch};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::cli::run::{Gang, RunHooks, run_job_with};
+use crate::cli::run::{RunHooks, run_job_with};
 use crate::controller::{Event, Outcome};
 use crate::job::JobSpec;
 use crate::launcher::WorkerCommand;
 use crate::metrics::Metrics;
-use crate::pool::{HeartbeatError, Placement, Pool, PoolGang};
+use crate::pool::{HeartbeatError, Placement, Pool};
 use crate::slurm::Slurm;
 use crate::state::{JobRecord, JobState, now};
 use crate::store::{AnyStore, StateStore, campaign};
@@ -606,8 +606,7 @@ impl Coordinator {
         let gang = match placed {
             None => None,
             Some(p) => {
-                let ready = PoolGang::ready(
-                    self.pool.clone(),
+                let ready = self.pool.clone().gang(
                     p.commands.clone(),
                     p.placements.clone(),
                     crate::launcher::READY,
@@ -626,10 +625,7 @@ impl Coordinator {
                     }
                 };
                 match ready {
-                    Ok(g) => Some(Gang {
-                        endpoints: g.endpoints,
-                        supervisor: Box::new(g.supervisor),
-                    }),
+                    Ok(gang) => Some(gang),
                     Err(e) if e.downcast_ref::<crate::pool::WorkerLeft>().is_some() => {
                         // Still placing and run by no one: the next pass places it again.
                         self.to_placing(id, &format!("{e:#}; placing again"))

@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use tokio::sync::{Mutex, mpsc, watch};
 
-use crate::controller::{Controller, Endpoints, Event, Outcome, Supervisor};
+use crate::controller::{Controller, Event, Gang, Outcome};
 use crate::job::JobSpec;
 use crate::launcher::{LocalCluster, LocalSupervisor};
 use crate::state::{JobRecord, JobState};
@@ -82,12 +82,6 @@ pub struct RunHooks {
     /// Workers already started elsewhere (the pool launchers); without it, the job's workers
     /// are started here by the local launcher.
     pub gang: Option<Gang>,
-}
-
-/// A job's running workers and who replaces them when they die.
-pub struct Gang {
-    pub endpoints: Endpoints,
-    pub supervisor: Box<dyn Supervisor>,
 }
 
 /// Runs one job to its end on this machine: local workers, the controller, the progress
