@@ -202,8 +202,7 @@ fn main() {
         let actor = rlhf_actor::service::Actor::new(engine, config.clone(), tokenizer, tmp.path().to_path_buf(), 8, rlhf_actor::metrics::Metrics::new());
         tokio::spawn(rlhf_actor::service::serve(actor, listener, std::future::pending()));
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let ch = rlhf_proto::client::endpoint(&addr, Default::default()).unwrap().connect().await.unwrap();
-        let mut client = v1::rollout_service_client::RolloutServiceClient::new(ch);
+        let mut client = rlhf_proto::client::actor(&addr, Default::default()).unwrap();
         for (dtype, wire) in [(DType::F32, v1::DType::F32), (DType::BF16, v1::DType::Bf16)] {
             let wire_tensors: Vec<WireTensor> = tensors
                 .iter()

@@ -5,4 +5,9 @@
 pub mod cli;
 pub mod engine;
 pub mod metrics;
+pub mod peers;
+pub mod request;
+pub mod rollout;
 pub mod service;
+pub mod stream;
+pub mod weights;

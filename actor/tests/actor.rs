@@ -1,6 +1,6 @@
 //! The actor as a real process on loopback: greedy equals the reference, seeds are batch
 //! independent, 32+ concurrent requests under continuous batching, live weight updates (good and
-//! bad), cancellation, scoring and pushing to in-test reward and learner servers.
+//! bad), cancellation, scoring and pushing to in-test reward and learner servers, summaries.
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -8,12 +8,11 @@ use std::time::{Duration, Instant};
 
 use rlhf_model::testing::{fixtures_dir, reference};
 use rlhf_model::{DType, Model, device};
+use rlhf_proto::client::ActorClient;
 use rlhf_proto::process::ServiceProcess;
 use rlhf_proto::v1;
-use rlhf_proto::v1::rollout_service_client::RolloutServiceClient;
 use rlhf_proto::weights::{WireTensor, to_chunks};
 use rlhf_tests::http_get;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
 fn start(extra: &[&str]) -> ServiceProcess {
@@ -30,13 +29,8 @@ fn start(extra: &[&str]) -> ServiceProcess {
     ServiceProcess::spawn(cmd, Duration::from_secs(60)).expect("actor starts")
 }
 
-async fn client(p: &ServiceProcess) -> RolloutServiceClient<Channel> {
-    let ch = rlhf_proto::client::endpoint(&p.url(), Default::default())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    RolloutServiceClient::new(ch).max_encoding_message_size(256 << 20)
+async fn client(p: &ServiceProcess) -> ActorClient {
+    rlhf_proto::client::actor(&p.url(), Default::default()).unwrap()
 }
 
 fn text_prompt(id: &str, text: &str) -> v1::PromptInput {
@@ -71,11 +65,12 @@ fn request(prompts: Vec<v1::PromptInput>, s: v1::SamplingParams) -> v1::Generate
         reward_address: String::new(),
         learner_addresses: vec![],
         reward_timeout_seconds: 0.0,
+        summaries_only: false,
     }
 }
 
 async fn collect(
-    c: &mut RolloutServiceClient<Channel>,
+    c: &mut ActorClient,
     r: v1::GenerateRequest,
 ) -> Result<Vec<v1::Completion>, Status> {
     let mut stream = c.generate(r).await?.into_inner();
@@ -388,6 +383,12 @@ impl v1::learner_service_server::LearnerService for RecordingLearner {
     ) -> Result<Response<Self::StreamWeightsStream>, Status> {
         Err(Status::unimplemented("not needed by the actor"))
     }
+    async fn publish_weights(
+        &self,
+        _: Request<v1::PublishWeightsRequest>,
+    ) -> Result<Response<v1::PublishWeightsReply>, Status> {
+        Err(Status::unimplemented("not needed by the actor"))
+    }
     async fn set_reference_rewards(
         &self,
         _: Request<v1::ReferenceRewards>,
@@ -444,6 +445,7 @@ async fn completions_are_scored_and_pushed_as_they_finish() {
         assert!(comp.scored && comp.pushed);
         assert_eq!(comp.rewards, vec![comp.text.chars().count() as f32]);
         assert_eq!(comp.logprobs.len(), comp.token_ids.len());
+        assert_eq!(comp.completion_tokens as usize, comp.token_ids.len());
     }
     let pushed = recorded.lock().unwrap().clone();
     assert_eq!(pushed.len(), 6);
@@ -467,4 +469,70 @@ async fn completions_are_scored_and_pushed_as_they_finish() {
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     assert!(err.message().contains("reward"), "{}", err.message());
     assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn summaries_only_streams_counts_and_rewards_without_the_bulk() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let learner = RecordingLearner::default();
+    let recorded = learner.got.clone();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(v1::reward_service_server::RewardServiceServer::new(
+                LengthReward,
+            ))
+            .add_service(v1::learner_service_server::LearnerServiceServer::new(
+                learner,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let actor = start(&[]);
+    let mut c = client(&actor).await;
+    // Stop early sometimes (EOS allowed) so the counts differ between samples.
+    let mut s = sampling(3, 1.0, 12, 11);
+    s.ignore_eos = false;
+    let mut r = request(
+        vec![text_prompt("a", "Hello"), text_prompt("b", "World")],
+        s,
+    );
+    r.reward_address = format!("http://{addr}");
+    let full = collect(&mut c, r.clone()).await.unwrap();
+
+    r.summaries_only = true;
+    r.learner_addresses = vec![format!("http://{addr}")];
+    let summaries = collect(&mut c, r).await.unwrap();
+    assert_eq!(summaries.len(), full.len());
+    for (s, f) in summaries.iter().zip(&full) {
+        assert_eq!(
+            (&s.prompt_id, s.sample_index),
+            (&f.prompt_id, f.sample_index)
+        );
+        assert!(s.token_ids.is_empty() && s.logprobs.is_empty(), "{s:?}");
+        assert!(s.prompt_ids.is_empty() && s.text.is_empty(), "{s:?}");
+        assert_eq!(
+            s.completion_tokens as usize,
+            f.token_ids.len(),
+            "same seed, same length"
+        );
+        assert_eq!(f.completion_tokens as usize, f.token_ids.len());
+        assert!(s.scored && s.pushed);
+        assert_eq!(s.rewards, f.rewards, "scored on the whole text");
+        assert_eq!(s.rewards, vec![f.text.chars().count() as f32]);
+        assert_eq!(s.finish_reason, f.finish_reason);
+        assert!(s.timings.is_some());
+    }
+    // The learners still get the whole trajectories.
+    let pushed = recorded.lock().unwrap().clone();
+    assert_eq!(pushed.len(), full.len());
+    for t in pushed {
+        let f = full
+            .iter()
+            .find(|c| c.prompt_id == t.prompt_id && c.sample_index == t.sample_index)
+            .unwrap();
+        assert_eq!(
+            (&t.completion_ids, &t.logprobs),
+            (&f.token_ids, &f.logprobs)
+        );
+    }
 }

@@ -1,7 +1,11 @@
 //! The training controller of one job: calibration of r_ref, then per step generate → score →
 //! push → learner step → weight sync → record, in `sync` or bounded-staleness `async` mode, with
-//! periodic evaluation and checkpoints. Bulk data (trajectories) goes from actors straight to the
-//! learners; the controller only sends prompts, counts completions and relays weights.
+//! periodic evaluation and checkpoints. Bulk data never passes through the controller
+//! (shared/DESIGN.md, the data plane): trajectories go from the actors straight to the learners
+//! and the controller receives per-sample summaries (ids, rewards, token counts); weights go
+//! from learner rank 0 straight to every actor in parallel (`PublishWeights`). So a controller
+//! stays small whatever the model size. Every call of one step carries that step's trace
+//! context ([`rlhf_proto::trace`]).
 //!
 //! Failures: an actor that stops answering has its unfinished prompts re-sent to the other
 //! actors (sample seeds depend only on (seed, prompt, sample), so the redone samples are the
@@ -15,12 +19,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use rlhf_proto::client::{Timeouts, channel};
+use rlhf_proto::client::{ActorClient, LearnerClient, Timeouts};
+use rlhf_proto::error::Failure;
+use rlhf_proto::trace::Context as TraceContext;
 use rlhf_proto::v1;
-use rlhf_proto::v1::learner_service_client::LearnerServiceClient;
-use rlhf_proto::v1::rollout_service_client::RolloutServiceClient;
 use tokio::sync::{mpsc, watch};
-use tonic::transport::Channel;
 
 use crate::data::{Prompt, load_prompts, step_prompts};
 use crate::job::{JobSpec, RolloutMode};
@@ -39,6 +42,15 @@ pub enum Event {
         metrics: BTreeMap<String, f64>,
     },
     Log(String),
+}
+
+impl Event {
+    pub fn state(state: JobState, reason: impl Into<String>) -> Event {
+        Event::State {
+            state,
+            reason: reason.into(),
+        }
+    }
 }
 
 /// Addresses of a job's workers.
@@ -92,6 +104,8 @@ pub enum Outcome {
 /// The controller of one job.
 pub struct Controller {
     job: JobSpec,
+    /// The job's id (its record's), carried in every call's trace context.
+    job_id: String,
     prompts: Vec<Prompt>,
     eval_prompts: Vec<Prompt>,
     endpoints: Endpoints,
@@ -102,52 +116,28 @@ pub struct Controller {
     version: u64,
 }
 
+/// The size of one weight chunk on the wire (many per tensor of a large model).
+const WEIGHT_CHUNK_BYTES: u32 = 4 << 20;
+
+/// Whether a failed call says the peer process is gone.
 fn is_unreachable(s: &tonic::Status) -> bool {
-    // Transport failures surface as UNAVAILABLE (connection refused or reset) or UNKNOWN with a
-    // transport error; a status an actor sends itself names what failed inside it.
-    match s.code() {
-        tonic::Code::Unavailable => {
-            let m = s.message();
-            m.contains("transport")
-                || m.contains("connect")
-                || m.contains("error trying")
-                || m.contains("broken pipe")
-                || m.contains("connection")
-        }
-        tonic::Code::Unknown | tonic::Code::Cancelled => true,
-        _ => false,
-    }
+    Failure::of(s).peer_gone()
 }
 
-fn actor_client(address: &str, timeout: Duration) -> Result<RolloutServiceClient<Channel>> {
-    let ch = channel(
-        address,
-        Timeouts {
-            connect: Duration::from_secs(5),
-            request: timeout,
-        },
-    )?;
-    Ok(RolloutServiceClient::new(ch)
-        .max_decoding_message_size(64 << 20)
-        .max_encoding_message_size(256 << 20))
+fn actor_client(address: &str, timeout: Duration) -> Result<ActorClient> {
+    rlhf_proto::client::actor(address, Timeouts::request(timeout))
+        .with_context(|| format!("actor address {address}"))
 }
 
-fn learner_client(address: &str, timeout: Duration) -> Result<LearnerServiceClient<Channel>> {
-    let ch = channel(
-        address,
-        Timeouts {
-            connect: Duration::from_secs(5),
-            request: timeout,
-        },
-    )?;
-    Ok(LearnerServiceClient::new(ch)
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20))
+fn learner_client(address: &str, timeout: Duration) -> Result<LearnerClient> {
+    rlhf_proto::client::learner(address, Timeouts::request(timeout))
+        .with_context(|| format!("learner address {address}"))
 }
 
 impl Controller {
     pub fn new(
         job: JobSpec,
+        job_id: String,
         endpoints: Endpoints,
         events: mpsc::UnboundedSender<Event>,
         stop: watch::Receiver<bool>,
@@ -166,6 +156,7 @@ impl Controller {
         std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
         Ok(Controller {
             job,
+            job_id,
             prompts,
             eval_prompts,
             endpoints,
@@ -236,7 +227,10 @@ impl Controller {
             let started = Instant::now();
             let generated = match prefetched.take() {
                 Some(handle) => handle.await.map_err(|e| anyhow!("generation task: {e}"))?,
-                None => self.generate_step(step, self.version).await,
+                None => {
+                    let trace = TraceContext::new(&self.job_id, step);
+                    trace.scope(self.generate_step(step, self.version)).await
+                }
             };
             let rollouts = match generated {
                 Ok(r) => r,
@@ -258,11 +252,18 @@ impl Controller {
                 let generator = self.generator();
                 let next = step + 1;
                 let version = self.version;
-                prefetched = Some(tokio::spawn(async move {
-                    generator.generate_step(next, version).await
-                }));
+                let trace = TraceContext::new(&self.job_id, next);
+                prefetched =
+                    Some(tokio::spawn(trace.scope(async move {
+                        generator.generate_step(next, version).await
+                    })));
             }
-            let report = match self.learner_step(step, rollouts.samples).await {
+            let trace = TraceContext::new(&self.job_id, step);
+            let report = match trace
+                .clone()
+                .scope(self.learner_step(step, rollouts.samples))
+                .await
+            {
                 Ok(r) => r,
                 Err(LearnerFailure::Died(e)) => {
                     self.emit(Event::Log(format!(
@@ -285,7 +286,8 @@ impl Controller {
             }
             self.version = report.weight_version;
             let t = Instant::now();
-            if let Err(e) = self.sync_weights(self.version).await {
+            let version = self.version;
+            if let Err(e) = trace.scope(self.sync_weights(version)).await {
                 if self.learners_alive().await {
                     return Err(e);
                 }
@@ -389,6 +391,7 @@ impl Controller {
     fn generator(&self) -> Generator {
         Generator {
             job: self.job.clone(),
+            job_id: self.job_id.clone(),
             prompts: self.prompts.clone(),
             actors: self.endpoints.actors.clone(),
             learners: self.endpoints.learners.clone(),
@@ -428,14 +431,15 @@ impl Controller {
             let prompts: Vec<Prompt> = self.prompts.clone();
             let generator = self.generator();
             let completions = generator
-                .generate(
-                    &prompts,
-                    k,
-                    self.job.rollout.temperature,
-                    0,
-                    None,
-                    u64::MAX - 1,
-                )
+                .generate(Pass {
+                    prompts: &prompts,
+                    n: k,
+                    temperature: self.job.rollout.temperature,
+                    min_version: 0,
+                    push_step: None,
+                    seed_step: u64::MAX - 1,
+                    full: false,
+                })
                 .await?
                 .0;
             let mut by_prompt: HashMap<String, Vec<Vec<f32>>> = HashMap::new();
@@ -533,21 +537,27 @@ impl Controller {
         Ok(info.step)
     }
 
-    /// Relays the learner's weights of `version` to every actor.
+    /// Has learner rank 0 push its weights of `version` to every actor (in parallel, straight
+    /// from the learner); actors that are gone are dropped from the job.
     async fn sync_weights(&mut self, version: u64) -> Result<()> {
-        let chunks = self.fetch_weights(version).await?;
         let actors = self.endpoints.actors.clone();
+        let updates = self.publish_weights(version, &actors).await?;
         let mut live = Vec::new();
-        for a in actors {
-            match self.push_weights(&a, chunks.clone()).await {
-                Ok(()) => live.push(a),
-                Err(e)
-                    if e.downcast_ref::<tonic::Status>()
-                        .is_some_and(is_unreachable) =>
-                {
-                    self.emit(Event::Log(format!("actor {a} is gone: {e}")));
-                }
-                Err(e) => return Err(e),
+        for update in updates {
+            if update.ok {
+                live.push(update.address);
+            } else if update.unreachable || update.timed_out {
+                // An actor that cannot take weights within a step's timeout is as good as gone.
+                self.emit(Event::Log(format!(
+                    "actor {} is gone: {}",
+                    update.address, update.error
+                )));
+            } else {
+                bail!(
+                    "actor {} refused weights v{version}: {}",
+                    update.address,
+                    update.error
+                );
             }
         }
         if live.is_empty() {
@@ -557,38 +567,42 @@ impl Controller {
         Ok(())
     }
 
-    async fn fetch_weights(&self, version: u64) -> Result<Vec<v1::WeightChunk>> {
-        let mut c = learner_client(&self.endpoints.learners[0], self.timeout())?;
-        let mut stream = c
-            .stream_weights(v1::WeightsRequest {
+    /// `PublishWeights` on learner rank 0: its weights of at least `version` to `actors`.
+    async fn publish_weights(
+        &self,
+        version: u64,
+        actors: &[String],
+    ) -> Result<Vec<v1::ActorUpdate>> {
+        // The learner waits up to a step's timeout for the version, then gives each actor as long.
+        let deadline = 2 * self.timeout() + Duration::from_secs(10);
+        let mut c = learner_client(&self.endpoints.learners[0], deadline)?;
+        let reply = c
+            .publish_weights(v1::PublishWeightsRequest {
                 min_version: version,
                 dtype: self.job.learner.optim.weights_dtype.clone(),
-                chunk_bytes: 4 << 20,
+                chunk_bytes: WEIGHT_CHUNK_BYTES,
                 timeout_seconds: self.job.rollout.step_timeout_seconds,
+                actor_addresses: actors.to_vec(),
             })
             .await
-            .context("StreamWeights")?
+            .context("PublishWeights")?
             .into_inner();
-        let mut chunks = Vec::new();
-        while let Some(ch) = stream.message().await.context("StreamWeights")? {
-            chunks.push(ch);
-        }
-        Ok(chunks)
+        Ok(reply.actors)
     }
 
+    /// Gives a joining actor the current weights.
     async fn update_actor(&self, address: &str, version: u64) -> Result<()> {
         if version == 0 {
             return Ok(());
         }
-        let chunks = self.fetch_weights(version).await?;
-        self.push_weights(address, chunks).await
-    }
-
-    async fn push_weights(&self, address: &str, chunks: Vec<v1::WeightChunk>) -> Result<()> {
-        let mut c = actor_client(address, self.timeout())?;
-        c.update_weights(tokio_stream::iter(chunks))
-            .await
-            .map_err(anyhow::Error::from)?;
+        let update = self
+            .publish_weights(version, &[address.to_string()])
+            .await?
+            .pop()
+            .context("PublishWeights: no reply for the actor")?;
+        if !update.ok {
+            bail!("actor {address}: weights v{version}: {}", update.error);
+        }
         Ok(())
     }
 
@@ -597,14 +611,15 @@ impl Controller {
     async fn evaluate(&self, step: u64) -> Result<BTreeMap<String, f64>> {
         let generator = self.generator();
         let (completions, _) = generator
-            .generate(
-                &self.eval_prompts,
-                1,
-                self.job.evaluation.temperature,
-                self.version,
-                None,
-                step,
-            )
+            .generate(Pass {
+                prompts: &self.eval_prompts,
+                n: 1,
+                temperature: self.job.evaluation.temperature,
+                min_version: self.version,
+                push_step: None,
+                seed_step: step,
+                full: true,
+            })
             .await
             .context("evaluation")?;
         let dir = self.out.join("eval");
@@ -621,7 +636,7 @@ impl Controller {
                 .zip(&c.rewards)
                 .map(|(n, r)| (n.clone(), serde_json::json!(r)))
                 .collect();
-            lines.push_str(&serde_json::json!({"prompt_id": c.prompt_id, "text": c.text, "tokens": c.token_ids.len(), "finish_reason": c.finish_reason, "rewards": rewards}).to_string());
+            lines.push_str(&serde_json::json!({"prompt_id": c.prompt_id, "text": c.text, "tokens": c.completion_tokens, "finish_reason": c.finish_reason, "rewards": rewards}).to_string());
             lines.push('\n');
         }
         std::fs::write(dir.join(format!("step-{step:06}.jsonl")), lines)?;
@@ -633,7 +648,7 @@ impl Controller {
             .collect();
         let len = completions
             .iter()
-            .map(|c| c.token_ids.len() as f64)
+            .map(|c| c.completion_tokens as f64)
             .sum::<f64>()
             / n;
         m.insert("eval/length".into(), len);
@@ -675,11 +690,28 @@ pub struct Rollouts {
     pub live_actors: Vec<String>,
 }
 
+/// One generation pass over a set of prompts.
+struct Pass<'a> {
+    prompts: &'a [Prompt],
+    /// Samples per prompt.
+    n: u32,
+    temperature: f32,
+    /// The weight version the actors must have at least.
+    min_version: u64,
+    /// Trajectories go to the learners under this step.
+    push_step: Option<u64>,
+    /// Seeds the samples (with the job's seed, the prompt and the sample index).
+    seed_step: u64,
+    /// Whole completions (text, tokens: evaluation) instead of per-sample summaries.
+    full: bool,
+}
+
 /// Sends prompts to actors and collects completions, re-sending an actor's unfinished prompts
 /// to the others when it stops answering.
 #[derive(Clone)]
 pub struct Generator {
     job: JobSpec,
+    job_id: String,
     prompts: Vec<Prompt>,
     actors: Vec<String>,
     learners: Vec<String>,
@@ -710,16 +742,17 @@ impl Generator {
             .collect();
         let n = self.job.rollout.samples_per_prompt;
         let (completions, (redistributed, live)) = self
-            .generate(
-                &prompts,
+            .generate(Pass {
+                prompts: &prompts,
                 n,
-                self.job.rollout.temperature,
-                version.saturating_sub(self.staleness()),
-                Some(step),
-                step,
-            )
+                temperature: self.job.rollout.temperature,
+                min_version: version.saturating_sub(self.staleness()),
+                push_step: Some(step),
+                seed_step: step,
+                full: false,
+            })
             .await?;
-        let tokens = completions.iter().map(|c| c.token_ids.len() as u64).sum();
+        let tokens = completions.iter().map(|c| c.completion_tokens as u64).sum();
         Ok(Rollouts {
             samples: completions.len() as u64,
             tokens,
@@ -736,19 +769,21 @@ impl Generator {
         }
     }
 
-    /// Generates `n` samples of every prompt over the actors. With `push_step`, trajectories go
-    /// to the learners under that step. Returns the completions and (re-sent prompts, actors
-    /// still alive).
-    #[allow(clippy::too_many_arguments)]
+    /// Generates `pass.n` samples of every prompt over the actors. Returns the completions
+    /// (summaries unless `pass.full`) and (re-sent prompts, actors still alive).
     async fn generate(
         &self,
-        prompts: &[Prompt],
-        n: u32,
-        temperature: f32,
-        min_version: u64,
-        push_step: Option<u64>,
-        seed_step: u64,
+        pass: Pass<'_>,
     ) -> Result<(Vec<v1::Completion>, (usize, Vec<String>))> {
+        let Pass {
+            prompts,
+            n,
+            temperature,
+            min_version,
+            push_step,
+            seed_step,
+            full,
+        } = pass;
         let r = &self.job.rollout;
         let sampling = v1::SamplingParams {
             samples_per_prompt: n,
@@ -793,7 +828,8 @@ impl Generator {
                 .collect();
             let calls = shards.into_iter().map(|(address, shard)| {
                 let request = v1::GenerateRequest {
-                    job_id: self.job.name.clone(),
+                    job_id: self.job_id.clone(),
+                    summaries_only: !full,
                     step: push_step.unwrap_or(0),
                     prompts: shard.iter().map(Prompt::to_proto).collect(),
                     sampling: Some(sampling.clone()),

@@ -76,7 +76,7 @@ fn parse(line: &str, n: usize) -> Result<Prompt, String> {
     let content = match (obj.get("prompt"), obj.get("messages")) {
         (Some(Value::String(t)), None) => v1::prompt_input::Content::Text(t.clone()),
         (None, Some(m)) => {
-            let msgs: Vec<rlhf_model::ChatMessage> = serde_json::from_value(m.clone())
+            let msgs: Vec<Turn> = serde_json::from_value(m.clone())
                 .map_err(|e| format!("`messages` must be a list of {{role, content}}: {e}"))?;
             if msgs.is_empty() {
                 return Err("`messages` is empty".into());
@@ -171,4 +171,11 @@ mod tests {
         assert_eq!(step_prompts(10, 4, 7, 3), a[8..12].to_vec());
         assert_ne!(step_prompts(10, 4, 8, 1), step_prompts(10, 4, 7, 1));
     }
+}
+
+/// One chat turn of a prompt file's `messages`.
+#[derive(serde::Deserialize)]
+struct Turn {
+    role: String,
+    content: String,
 }

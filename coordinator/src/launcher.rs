@@ -4,12 +4,8 @@
 //! `<job out>/logs/<role>-<i>.log`, binds a free loopback port and reports it on its ready line.
 //! Children are killed when the cluster is dropped.
 
-use std::fs::File;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use rlhf_learner::config::ParallelConfig;
@@ -19,7 +15,7 @@ use tokio::sync::Mutex;
 use crate::controller::{Endpoints, Supervisor};
 use crate::job::JobSpec;
 
-pub const READY: Duration = Duration::from_secs(300);
+pub use rlhf_proto::process::{READY_TIMEOUT as READY, free_ports, worker_process};
 
 /// A job's running workers.
 pub struct LocalCluster {
@@ -30,18 +26,6 @@ pub struct LocalCluster {
     pub actors: Vec<ServiceProcess>,
     learner_commands: Vec<WorkerCommand>,
     peers: Vec<String>,
-}
-
-/// `n` distinct ports free on `host` now (all bound at once, then released).
-pub fn free_ports(host: &str, n: usize) -> Result<Vec<std::net::SocketAddr>> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind((host, 0)))
-        .collect::<std::io::Result<_>>()
-        .with_context(|| format!("finding {n} free ports on {host}"))?;
-    Ok(listeners
-        .iter()
-        .map(TcpListener::local_addr)
-        .collect::<std::io::Result<_>>()?)
 }
 
 /// One worker process of a job, as any launcher starts it:
@@ -243,32 +227,6 @@ fn spawn(exe: &Path, out: &Path, command: &WorkerCommand) -> Result<ServiceProce
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     ServiceProcess::spawn(cmd, READY)
         .with_context(|| format!("starting {} (log: {})", command.name(), log_path.display()))
-}
-
-/// The process `rlhf worker --role ROLE -- ARGS --listen HOST:0`, its stderr appended to
-/// `log_path` (shared by the local launcher and pool workers).
-pub fn worker_process(
-    exe: &Path,
-    role: &str,
-    args: &[String],
-    log_path: &Path,
-    host: &str,
-) -> Result<Command> {
-    if let Some(dir) = log_path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    let log = File::options()
-        .create(true)
-        .append(true)
-        .open(log_path)
-        .with_context(|| format!("opening {}", log_path.display()))?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["worker", "--role", role, "--"])
-        .args(args)
-        .arg("--listen")
-        .arg(format!("{host}:0"))
-        .stderr(log);
-    Ok(cmd)
 }
 
 /// The local launcher as the controller's supervisor.

@@ -1,6 +1,8 @@
-//! The control plane and the `rlhf` command line.
+//! The control plane: job files and their validation, the per-job training controller and the
+//! runner that drives it, the launchers (local processes, the worker pool, Slurm), the
+//! long-running coordinator service and its state store, and the generic pipeline stages.
+//! The `rlhf` command line (crate `rlhf-cli`) sits on top; nothing here prints to a terminal.
 
-pub mod cli;
 pub mod controller;
 pub mod data;
 pub mod job;
@@ -9,6 +11,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod plot;
 pub mod pool;
+pub mod runner;
 pub mod service;
 pub mod slurm;
 pub mod state;

@@ -37,16 +37,7 @@ const WORKER_SEQ: &str = "worker-seq/";
 pub const ROLES: [&str; 3] = ["actor", "learner", "reward"];
 
 /// What a worker reports about an assignment's process.
-pub mod state {
-    /// Placed, not reported on yet by its worker (listings only).
-    pub const ASSIGNED: &str = "assigned";
-    /// Being started (loading its model).
-    pub const STARTING: &str = "starting";
-    /// Serving at its URL.
-    pub const READY: &str = "ready";
-    /// Exited or failed to start (the detail says why).
-    pub const EXITED: &str = "exited";
-}
+pub use rlhf_proto::process::assignment_state as state;
 
 /// The shortest worker lease: a few heartbeats.
 pub const MIN_TTL: Duration = Duration::from_secs(2);

@@ -9,6 +9,7 @@ pub mod config;
 pub mod engine;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod publish;
 pub mod server;
 pub mod sft;
 pub mod trajectory;

@@ -2,8 +2,12 @@
 //!
 //! Pushed trajectories wait in a [`Buffer`]; `Step` takes its step's trajectories once the
 //! expected number has arrived and hands them to the engine thread; after every update the new
-//! weights are published for `StreamWeights`. Only rank 0 writes checkpoints (every rank's state
-//! is identical after a step); every rank can restore one.
+//! weights are published for `StreamWeights` and `PublishWeights` (which pushes them to actors,
+//! see [`crate::publish`]). Only rank 0 writes checkpoints (every rank's state is identical after
+//! a step); every rank can restore one.
+//!
+//! Every handler runs in [`trace::serve`], so its span and the calls it makes carry the caller's
+//! job, step and trace id; commands carry the handler's span to the engine thread.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +16,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use rlhf_model::DType;
 use rlhf_model::weights::NamedTensor;
+use rlhf_proto::client::limits;
 use rlhf_proto::service::ServiceHost;
+use rlhf_proto::trace;
 use rlhf_proto::v1;
 use rlhf_proto::v1::learner_service_server::{LearnerService, LearnerServiceServer};
 use rlhf_proto::weights::{WireTensor, to_chunks};
@@ -24,6 +30,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::checkpoint;
 use crate::config::LearnerConfig;
 use crate::engine::{Engine, StepOutcome};
+use crate::publish;
 use crate::trajectory::{Buffer, Trajectory};
 
 /// Published weights of one version.
@@ -69,6 +76,7 @@ pub struct Metrics {
     version: prometheus::IntGauge,
     step_seconds: prometheus::Histogram,
     pushed: prometheus::IntCounterVec,
+    actor_updates: prometheus::IntCounterVec,
 }
 
 impl Metrics {
@@ -95,6 +103,14 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let actor_updates = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "rlhf_learner_actor_updates_total",
+                "Weight updates pushed to actors by PublishWeights, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         registry.register(Box::new(steps.clone())).expect("unique");
         registry
             .register(Box::new(version.clone()))
@@ -103,12 +119,16 @@ impl Metrics {
             .register(Box::new(step_seconds.clone()))
             .expect("unique");
         registry.register(Box::new(pushed.clone())).expect("unique");
+        registry
+            .register(Box::new(actor_updates.clone()))
+            .expect("unique");
         Metrics {
             registry,
             steps,
             version,
             step_seconds,
             pushed,
+            actor_updates,
         }
     }
 }
@@ -116,7 +136,8 @@ impl Metrics {
 /// The service implementation.
 pub struct Learner {
     pub metrics: Metrics,
-    commands: mpsc::Sender<Command>,
+    /// Each command with the span of the handler that sent it.
+    commands: mpsc::Sender<(tracing::Span, Command)>,
     buffer: Arc<Buffer>,
     weights: watch::Receiver<Arc<Snapshot>>,
     status: watch::Receiver<Progress>,
@@ -133,7 +154,7 @@ fn checkpoint_root(config: &LearnerConfig) -> PathBuf {
 
 /// Starts the engine thread; returns the service.
 pub fn start(engine: Engine) -> Learner {
-    let (commands, mut rx) = mpsc::channel::<Command>(64);
+    let (commands, mut rx) = mpsc::channel::<(tracing::Span, Command)>(64);
     let first = Arc::new(Snapshot {
         version: engine.version(),
         tensors: engine.policy_tensors(),
@@ -157,7 +178,8 @@ pub fn start(engine: Engine) -> Learner {
         .name("learner-engine".into())
         .spawn(move || {
             let mut engine = engine;
-            while let Some(cmd) = rx.blocking_recv() {
+            while let Some((span, cmd)) = rx.blocking_recv() {
+                let _in_span = span.enter();
                 let before = engine.version();
                 match cmd {
                     Command::Step {
@@ -252,6 +274,58 @@ fn internal(e: anyhow::Error) -> Status {
     Status::internal(format!("{e:#}"))
 }
 
+/// A checked `WeightsRequest` or `PublishWeightsRequest`: what to encode, and how long to wait.
+#[derive(Debug, Clone, Copy)]
+struct WeightsSpec {
+    min_version: u64,
+    dtype: DType,
+    chunk_bytes: usize,
+    /// For the version to be reached (and, when publishing, for each actor's update).
+    timeout: Duration,
+    timeout_seconds: f64,
+}
+
+impl WeightsSpec {
+    fn new(
+        min_version: u64,
+        dtype: &str,
+        chunk_bytes: u32,
+        timeout_seconds: f64,
+    ) -> Result<Self, Status> {
+        let dtype = if dtype.is_empty() {
+            DType::F32
+        } else {
+            DType::parse(dtype).ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "dtype `{dtype}`: expected float32, bfloat16 or float16"
+                ))
+            })?
+        };
+        let timeout_seconds = if timeout_seconds > 0.0 {
+            timeout_seconds
+        } else {
+            600.0
+        };
+        let timeout = Duration::try_from_secs_f64(timeout_seconds).map_err(|_| {
+            Status::invalid_argument(format!(
+                "timeout_seconds: {timeout_seconds} is not a duration"
+            ))
+        })?;
+        let chunk_bytes = if chunk_bytes == 0 {
+            1 << 20
+        } else {
+            chunk_bytes as usize
+        };
+        Ok(WeightsSpec {
+            min_version,
+            dtype,
+            chunk_bytes,
+            timeout,
+            timeout_seconds,
+        })
+    }
+}
+
 impl Learner {
     async fn call<T>(
         &self,
@@ -259,57 +333,46 @@ impl Learner {
     ) -> Result<T, Status> {
         let (tx, rx) = oneshot::channel();
         self.commands
-            .send(make(tx))
+            .send((tracing::Span::current(), make(tx)))
             .await
             .map_err(|_| Status::unavailable("the learner engine stopped"))?;
         rx.await
             .map_err(|_| Status::unavailable("the learner engine stopped"))?
             .map_err(internal)
     }
-}
 
-#[tonic::async_trait]
-impl LearnerService for Learner {
-    async fn push_rollouts(
+    /// The weights once their version is at least `spec.min_version`, encoded as `spec` asks.
+    async fn weight_chunks(
         &self,
-        request: Request<Streaming<v1::Trajectory>>,
-    ) -> Result<Response<v1::PushReply>, Status> {
-        let mut stream = request.into_inner();
-        let (mut accepted, mut rejected, mut first_error) = (0u64, 0u64, String::new());
-        while let Some(t) = stream.message().await? {
-            match Trajectory::from_proto(t, self.objectives.len(), self.vocab) {
-                Ok(t) => {
-                    self.buffer.push(t);
-                    accepted += 1;
-                }
-                Err(e) => {
-                    rejected += 1;
-                    if first_error.is_empty() {
-                        first_error = e;
-                    }
-                }
-            }
-        }
-        self.metrics
-            .pushed
-            .with_label_values(&["accepted"])
-            .inc_by(accepted);
-        self.metrics
-            .pushed
-            .with_label_values(&["rejected"])
-            .inc_by(rejected);
-        Ok(Response::new(v1::PushReply {
-            accepted,
-            rejected,
-            message: first_error,
-        }))
+        spec: WeightsSpec,
+    ) -> Result<(u64, Vec<v1::WeightChunk>), Status> {
+        let mut weights = self.weights.clone();
+        let snapshot = tokio::time::timeout(
+            spec.timeout,
+            weights.wait_for(|s| s.version >= spec.min_version),
+        )
+        .await
+        .map_err(|_| {
+            Status::deadline_exceeded(format!(
+                "weight version {} not reached within {} s",
+                spec.min_version, spec.timeout_seconds
+            ))
+        })?
+        .map_err(|_| Status::unavailable("the learner engine stopped"))?
+        .clone();
+        let version = snapshot.version;
+        let span = tracing::Span::current();
+        let chunks = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| encode_snapshot(&snapshot, spec.dtype, spec.chunk_bytes))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("encoding the weights failed: {e}")))?;
+        Ok((version, chunks))
     }
 
-    async fn step(
-        &self,
-        request: Request<v1::StepRequest>,
-    ) -> Result<Response<v1::StepReport>, Status> {
-        let r = request.into_inner();
+    /// `Step`: waits for the step's trajectories, then trains on them.
+    #[tracing::instrument(skip_all, fields(step = r.step, samples = tracing::field::Empty))]
+    async fn train(&self, r: v1::StepRequest) -> Result<v1::StepReport, Status> {
         let timeout = if r.timeout_seconds > 0.0 {
             r.timeout_seconds
         } else {
@@ -326,8 +389,7 @@ impl LearnerService for Learner {
                     r.step, r.expected_samples
                 ))
             })?;
-        let span = tracing::info_span!("learner_step", step = r.step, samples = trajectories.len());
-        let _guard = span.enter();
+        tracing::Span::current().record("samples", trajectories.len());
         let outcome = self
             .call(|reply| Command::Step {
                 step: r.step,
@@ -341,7 +403,7 @@ impl LearnerService for Learner {
             self.metrics.step_seconds.observe(outcome.seconds);
         }
         self.metrics.version.set(outcome.version as i64);
-        Ok(Response::new(v1::StepReport {
+        Ok(v1::StepReport {
             step: outcome.step,
             weight_version: outcome.version,
             metrics: outcome.metrics.into_iter().collect(),
@@ -349,7 +411,58 @@ impl LearnerService for Learner {
             tokens: outcome.tokens,
             seconds: outcome.seconds,
             already_applied: outcome.already_applied,
-        }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl LearnerService for Learner {
+    async fn push_rollouts(
+        &self,
+        request: Request<Streaming<v1::Trajectory>>,
+    ) -> Result<Response<v1::PushReply>, Status> {
+        let (metadata, _, mut stream) = request.into_parts();
+        trace::serve("learner.push_rollouts", &metadata, async move {
+            let (mut accepted, mut rejected, mut first_error) = (0u64, 0u64, String::new());
+            while let Some(t) = stream.message().await? {
+                match Trajectory::from_proto(t, self.objectives.len(), self.vocab) {
+                    Ok(t) => {
+                        self.buffer.push(t);
+                        accepted += 1;
+                    }
+                    Err(e) => {
+                        rejected += 1;
+                        if first_error.is_empty() {
+                            first_error = e;
+                        }
+                    }
+                }
+            }
+            self.metrics
+                .pushed
+                .with_label_values(&["accepted"])
+                .inc_by(accepted);
+            self.metrics
+                .pushed
+                .with_label_values(&["rejected"])
+                .inc_by(rejected);
+            Ok(Response::new(v1::PushReply {
+                accepted,
+                rejected,
+                message: first_error,
+            }))
+        })
+        .await
+    }
+
+    async fn step(
+        &self,
+        request: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::StepReport>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        trace::serve("learner.step", &metadata, self.train(r))
+            .await
+            .map(Response::new)
     }
 
     type StreamWeightsStream = ReceiverStream<Result<v1::WeightChunk, Status>>;
@@ -358,120 +471,131 @@ impl LearnerService for Learner {
         &self,
         request: Request<v1::WeightsRequest>,
     ) -> Result<Response<Self::StreamWeightsStream>, Status> {
-        let r = request.into_inner();
-        let dtype = if r.dtype.is_empty() {
-            DType::F32
-        } else {
-            DType::parse(&r.dtype).ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "dtype `{}`: expected float32, bfloat16 or float16",
-                    r.dtype
-                ))
-            })?
-        };
-        let timeout = if r.timeout_seconds > 0.0 {
-            r.timeout_seconds
-        } else {
-            600.0
-        };
-        let mut weights = self.weights.clone();
-        let snapshot = tokio::time::timeout(
-            Duration::from_secs_f64(timeout),
-            weights.wait_for(|s| s.version >= r.min_version),
-        )
-        .await
-        .map_err(|_| {
-            Status::deadline_exceeded(format!(
-                "weight version {} not reached within {timeout} s",
-                r.min_version
-            ))
-        })?
-        .map_err(|_| Status::unavailable("the learner engine stopped"))?
-        .clone();
-        let chunk_bytes = if r.chunk_bytes == 0 {
-            1 << 20
-        } else {
-            r.chunk_bytes as usize
-        };
-        let chunks = encode_snapshot(&snapshot, dtype, chunk_bytes);
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(async move {
-            for c in chunks {
-                if tx.send(Ok(c)).await.is_err() {
-                    break;
+        let (metadata, _, r) = request.into_parts();
+        trace::serve("learner.stream_weights", &metadata, async move {
+            let spec = WeightsSpec::new(r.min_version, &r.dtype, r.chunk_bytes, r.timeout_seconds)?;
+            let (_, chunks) = self.weight_chunks(spec).await?;
+            let (tx, rx) = mpsc::channel(8);
+            trace::spawn(async move {
+                for c in chunks {
+                    if tx.send(Ok(c)).await.is_err() {
+                        break;
+                    }
                 }
+            });
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+        .await
+    }
+
+    async fn publish_weights(
+        &self,
+        request: Request<v1::PublishWeightsRequest>,
+    ) -> Result<Response<v1::PublishWeightsReply>, Status> {
+        let (metadata, _, r) = request.into_parts();
+        trace::serve("learner.publish_weights", &metadata, async move {
+            let spec = WeightsSpec::new(r.min_version, &r.dtype, r.chunk_bytes, r.timeout_seconds)?;
+            let (version, chunks) = self.weight_chunks(spec).await?;
+            let outcomes =
+                publish::publish(&r.actor_addresses, Arc::new(chunks), spec.timeout).await;
+            for o in &outcomes {
+                let result = match (&o.error, o.unreachable) {
+                    (None, _) => "ok",
+                    (Some(_), true) => "unreachable",
+                    (Some(_), false) => "failed",
+                };
+                self.metrics
+                    .actor_updates
+                    .with_label_values(&[result])
+                    .inc();
             }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+            Ok(Response::new(v1::PublishWeightsReply {
+                version,
+                actors: outcomes.iter().map(publish::Outcome::to_proto).collect(),
+            }))
+        })
+        .await
     }
 
     async fn set_reference_rewards(
         &self,
         request: Request<v1::ReferenceRewards>,
     ) -> Result<Response<v1::SetReferenceRewardsReply>, Status> {
-        let r = request.into_inner();
-        let rows = r
-            .rows
-            .into_iter()
-            .map(|row| (row.prompt_id, row.values))
-            .collect();
-        let n = self
-            .call(|reply| Command::SetReference {
-                objectives: r.objectives,
-                rows,
-                reply,
-            })
-            .await
-            .map_err(|s| Status::invalid_argument(s.message().to_string()))?;
-        Ok(Response::new(v1::SetReferenceRewardsReply {
-            prompts: n as u64,
-        }))
+        let (metadata, _, r) = request.into_parts();
+        trace::serve("learner.set_reference_rewards", &metadata, async move {
+            let rows = r
+                .rows
+                .into_iter()
+                .map(|row| (row.prompt_id, row.values))
+                .collect();
+            let n = self
+                .call(|reply| Command::SetReference {
+                    objectives: r.objectives,
+                    rows,
+                    reply,
+                })
+                .await
+                .map_err(|s| Status::invalid_argument(s.message().to_string()))?;
+            Ok(Response::new(v1::SetReferenceRewardsReply {
+                prompts: n as u64,
+            }))
+        })
+        .await
     }
 
     async fn save_checkpoint(
         &self,
-        _request: Request<v1::SaveCheckpointRequest>,
+        request: Request<v1::SaveCheckpointRequest>,
     ) -> Result<Response<v1::CheckpointInfo>, Status> {
-        let (path, step, version) = self.call(|reply| Command::Save { reply }).await?;
-        Ok(Response::new(v1::CheckpointInfo {
-            path: path.display().to_string(),
-            step,
-            weight_version: version,
-        }))
+        trace::serve("learner.save_checkpoint", request.metadata(), async {
+            let (path, step, version) = self.call(|reply| Command::Save { reply }).await?;
+            Ok(Response::new(v1::CheckpointInfo {
+                path: path.display().to_string(),
+                step,
+                weight_version: version,
+            }))
+        })
+        .await
     }
 
     async fn restore(
         &self,
         request: Request<v1::RestoreRequest>,
     ) -> Result<Response<v1::RestoreReply>, Status> {
-        let path = request.into_inner().path;
-        let path = (!path.is_empty()).then(|| PathBuf::from(path));
-        let (path, step, version, cursor) = self
-            .call(|reply| Command::Restore { path, reply })
-            .await
-            .map_err(|s| Status::failed_precondition(s.message().to_string()))?;
-        Ok(Response::new(v1::RestoreReply {
-            path: path.display().to_string(),
-            step,
-            weight_version: version,
-            data_cursor: cursor,
-        }))
+        let (metadata, _, r) = request.into_parts();
+        trace::serve("learner.restore", &metadata, async move {
+            let path = (!r.path.is_empty()).then(|| PathBuf::from(r.path));
+            let (path, step, version, cursor) = self
+                .call(|reply| Command::Restore { path, reply })
+                .await
+                .map_err(|s| Status::failed_precondition(s.message().to_string()))?;
+            Ok(Response::new(v1::RestoreReply {
+                path: path.display().to_string(),
+                step,
+                weight_version: version,
+                data_cursor: cursor,
+            }))
+        })
+        .await
     }
 
     async fn info(
         &self,
-        _request: Request<v1::LearnerInfoRequest>,
+        request: Request<v1::LearnerInfoRequest>,
     ) -> Result<Response<v1::LearnerInfo>, Status> {
-        let s = self.status.borrow().clone();
-        Ok(Response::new(v1::LearnerInfo {
-            step: s.step,
-            weight_version: s.version,
-            rank: self.rank,
-            world_size: self.world,
-            buffered_trajectories: self.buffer.total() as u64,
-            algorithm: self.algorithm.clone(),
-            objectives: self.objectives.clone(),
-        }))
+        trace::serve("learner.info", request.metadata(), async {
+            let s = self.status.borrow().clone();
+            Ok(Response::new(v1::LearnerInfo {
+                step: s.step,
+                weight_version: s.version,
+                rank: self.rank,
+                world_size: self.world,
+                buffered_trajectories: self.buffer.total() as u64,
+                algorithm: self.algorithm.clone(),
+                objectives: self.objectives.clone(),
+            }))
+        })
+        .await
     }
 }
 
@@ -507,8 +631,8 @@ pub async fn serve(
 ) -> Result<()> {
     let registry = learner.metrics.registry.clone();
     let server = LearnerServiceServer::new(learner)
-        .max_decoding_message_size(256 << 20)
-        .max_encoding_message_size(256 << 20);
+        .max_decoding_message_size(limits::BULK)
+        .max_encoding_message_size(limits::BULK);
     let name = <LearnerServiceServer<Learner> as NamedService>::NAME;
     let host = ServiceHost::new(tonic::service::Routes::new(server), vec![name], registry);
     host.serve(listener, shutdown).await?;

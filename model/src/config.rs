@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value, json};
 
+use crate::dtype::DType;
 use crate::error::{ModelError, Result};
 
 /// Every architecture string accepted in `config.json`'s `architectures`.
@@ -128,49 +129,6 @@ pub enum RopeScaling {
 pub struct RopeConfig {
     pub theta: f64,
     pub scaling: RopeScaling,
-}
-
-/// Storage type of weights in a checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DType {
-    F32,
-    BF16,
-    F16,
-}
-
-impl DType {
-    /// Parses `float32` / `bfloat16` / `float16` (and the safetensors names F32/BF16/F16).
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "float32" | "f32" | "fp32" => Some(DType::F32),
-            "bfloat16" | "bf16" => Some(DType::BF16),
-            "float16" | "f16" | "fp16" | "half" => Some(DType::F16),
-            _ => None,
-        }
-    }
-
-    /// The name `transformers` writes in `config.json`.
-    pub fn torch_name(self) -> &'static str {
-        match self {
-            DType::F32 => "float32",
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-        }
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::BF16 | DType::F16 => 2,
-        }
-    }
-}
-
-impl std::fmt::Display for DType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.torch_name())
-    }
 }
 
 /// A resolved model configuration: every value the model needs, defaults applied.
@@ -522,14 +480,6 @@ impl ModelConfig {
         }
         Value::Object(map)
     }
-
-    /// Parameters of the model, counted from the shapes (tied embeddings counted once).
-    pub fn num_parameters(&self) -> usize {
-        crate::weights::param_specs(self)
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum()
-    }
 }
 
 /// The sizes of a fresh Llama model, see [`ModelConfig::llama`].
@@ -571,6 +521,7 @@ fn parse_architecture(f: &Fields) -> Result<Architecture> {
     Architecture::parse(name).ok_or_else(|| ModelError::UnsupportedArchitecture {
         path: f.path.to_path_buf(),
         architecture: name.to_string(),
+        supported: SUPPORTED_ARCHITECTURES,
     })
 }
 

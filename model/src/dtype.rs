@@ -1,11 +1,53 @@
-//! Conversions between f32 values and the little-endian bytes of a storage dtype.
+//! Storage dtypes of weights and the conversions between f32 values and their little-endian
+//! bytes.
 //!
 //! The model computes in f32. bf16 and f16 values are exactly representable in f32, so
 //! decode → encode in the same dtype is bit-exact, which makes load → save → load bit-exact.
 
 use half::{bf16, f16};
 
-use crate::config::DType;
+/// Storage type of weights in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    /// Parses `float32` / `bfloat16` / `float16` (and the safetensors names F32/BF16/F16).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "float32" | "f32" | "fp32" => Some(DType::F32),
+            "bfloat16" | "bf16" => Some(DType::BF16),
+            "float16" | "f16" | "fp16" | "half" => Some(DType::F16),
+            _ => None,
+        }
+    }
+
+    /// The name `transformers` writes in `config.json`.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.torch_name())
+    }
+}
 
 /// Decodes little-endian bytes of `dtype` into f32 values. `bytes.len()` must be a multiple of
 /// the element size (checked by the callers, which know the tensor's name).

@@ -29,12 +29,17 @@ pub enum ModelError {
         field: String,
         message: String,
     },
-    /// The checkpoint's architecture is not one this crate implements.
+    /// The checkpoint's architecture is not one this crate implements; `supported` lists the
+    /// ones it does.
     #[error(
-        "{path}: architecture `{architecture}` is not supported (supported: {supported})",
-        supported = crate::config::SUPPORTED_ARCHITECTURES.join(", ")
+        "{path}: architecture `{architecture}` is not supported (supported: {list})",
+        list = supported.join(", ")
     )]
-    UnsupportedArchitecture { path: PathBuf, architecture: String },
+    UnsupportedArchitecture {
+        path: PathBuf,
+        architecture: String,
+        supported: &'static [&'static str],
+    },
     /// A safetensors file is malformed or holds a tensor we cannot use.
     #[error("{path}: {message}")]
     Weights { path: PathBuf, message: String },

@@ -34,8 +34,9 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use burn;
-pub use config::{Architecture, DType, Family, HeadKind, LlamaDims, ModelConfig};
+pub use config::{Architecture, Family, HeadKind, LlamaDims, ModelConfig};
 pub use decode::{DecodeBatch, Finished};
+pub use dtype::DType;
 pub use error::{ModelError, Result};
 pub use generate::{FinishReason, Generation, GenerationParams, GenerationRequest};
 pub use llama::Model;

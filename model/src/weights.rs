@@ -15,8 +15,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 
-use crate::config::{DType, HeadKind, ModelConfig};
-use crate::dtype;
+use crate::config::{HeadKind, ModelConfig};
+use crate::dtype::{self, DType};
 use crate::error::{ModelError, Result};
 use crate::llama::{Attention, Decoder, DecoderLayer, Embedding, Linear, Mlp, Model, RmsNorm};
 
@@ -97,6 +97,17 @@ pub fn param_specs(config: &ModelConfig) -> Vec<ParamSpec> {
         }
     }
     specs
+}
+
+impl ModelConfig {
+    /// Parameters of the model, counted from the shapes of [`param_specs`] (tied embeddings
+    /// counted once).
+    pub fn num_parameters(&self) -> usize {
+        param_specs(self)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum()
+    }
 }
 
 /// Fresh values for one parameter, as `transformers` initialises Llama: normal(0, std) for

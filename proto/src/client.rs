@@ -1,8 +1,28 @@
-//! Client channels: every call has a deadline, every connection attempt a timeout.
+//! One typed client per service, built in one place: every call has a deadline, every
+//! connection attempt a timeout, every message a size limit from [`limits`], and every call
+//! carries the caller's trace context ([`crate::trace`]). No crate builds a tonic client by hand.
 
 use std::time::Duration;
 
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::trace::TraceContext;
+use crate::v1::job_service_client::JobServiceClient;
+use crate::v1::learner_service_client::LearnerServiceClient;
+use crate::v1::reward_service_client::RewardServiceClient;
+use crate::v1::rollout_service_client::RolloutServiceClient;
+use crate::v1::worker_service_client::WorkerServiceClient;
+
+/// Message-size limits of every service, for clients and servers alike.
+pub mod limits {
+    /// Bulk messages: weight chunks, trajectories, a learner's step report.
+    pub const BULK: usize = 256 << 20;
+    /// Replies of request/response services: completions, scores, job listings.
+    pub const REPLY: usize = 64 << 20;
+    /// Requests a client sends to a control-plane service (a job file, a heartbeat).
+    pub const CONTROL: usize = 16 << 20;
+}
 
 /// Timeouts of a client channel.
 #[derive(Debug, Clone, Copy)]
@@ -18,6 +38,16 @@ impl Default for Timeouts {
         Timeouts {
             connect: Duration::from_secs(5),
             request: Duration::from_secs(60),
+        }
+    }
+}
+
+impl Timeouts {
+    /// The default connect timeout and a request deadline of `request`.
+    pub fn request(request: Duration) -> Self {
+        Timeouts {
+            request,
+            ..Timeouts::default()
         }
     }
 }
@@ -45,4 +75,66 @@ pub fn endpoint(address: &str, timeouts: Timeouts) -> Result<Endpoint, tonic::tr
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10))
         .keep_alive_while_idle(true))
+}
+
+/// A channel whose every call carries the current trace context as gRPC metadata.
+pub type Traced = InterceptedService<Channel, TraceContext>;
+
+/// The rollout service of an actor.
+pub type ActorClient = RolloutServiceClient<Traced>;
+/// The training service of a learner rank.
+pub type LearnerClient = LearnerServiceClient<Traced>;
+/// The reward service.
+pub type RewardClient = RewardServiceClient<Traced>;
+/// A coordinator's job API.
+pub type JobsClient = JobServiceClient<Traced>;
+/// A coordinator's worker API.
+pub type WorkersClient = WorkerServiceClient<Traced>;
+
+fn traced(address: &str, timeouts: Timeouts) -> Result<Traced, tonic::transport::Error> {
+    Ok(InterceptedService::new(
+        channel(address, timeouts)?,
+        TraceContext,
+    ))
+}
+
+/// An actor's client: sends weight updates (bulk), receives completions.
+pub fn actor(address: &str, timeouts: Timeouts) -> Result<ActorClient, tonic::transport::Error> {
+    Ok(RolloutServiceClient::new(traced(address, timeouts)?)
+        .max_encoding_message_size(limits::BULK)
+        .max_decoding_message_size(limits::REPLY))
+}
+
+/// A learner rank's client: trajectories and weights are bulk both ways.
+pub fn learner(
+    address: &str,
+    timeouts: Timeouts,
+) -> Result<LearnerClient, tonic::transport::Error> {
+    Ok(LearnerServiceClient::new(traced(address, timeouts)?)
+        .max_encoding_message_size(limits::BULK)
+        .max_decoding_message_size(limits::BULK))
+}
+
+/// The reward server's client.
+pub fn reward(address: &str, timeouts: Timeouts) -> Result<RewardClient, tonic::transport::Error> {
+    Ok(RewardServiceClient::new(traced(address, timeouts)?)
+        .max_encoding_message_size(limits::REPLY)
+        .max_decoding_message_size(limits::REPLY))
+}
+
+/// A coordinator's job API.
+pub fn jobs(address: &str, timeouts: Timeouts) -> Result<JobsClient, tonic::transport::Error> {
+    Ok(JobServiceClient::new(traced(address, timeouts)?)
+        .max_encoding_message_size(limits::CONTROL)
+        .max_decoding_message_size(limits::REPLY))
+}
+
+/// A coordinator's worker API.
+pub fn workers(
+    address: &str,
+    timeouts: Timeouts,
+) -> Result<WorkersClient, tonic::transport::Error> {
+    Ok(WorkerServiceClient::new(traced(address, timeouts)?)
+        .max_encoding_message_size(limits::CONTROL)
+        .max_decoding_message_size(limits::REPLY))
 }

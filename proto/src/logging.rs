@@ -1,5 +1,7 @@
 //! One place that sets up `tracing` for every binary (STYLE.md §9).
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// How log lines are written (always to stderr, so stdout stays clean for `--json` output).
@@ -10,12 +12,14 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber; `RUST_LOG` filters (default `info`).
+/// Installs the global subscriber; `RUST_LOG` filters (default `info`). Colour codes only when
+/// stderr is a terminal (a log file or a pipe gets plain text).
 pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // A second call (e.g. from tests) keeps the first subscriber.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

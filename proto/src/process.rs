@@ -1,5 +1,8 @@
 //! Child service processes: start a binary, wait for its `listening on ADDR` line, kill it on
-//! drop. Used by the local launcher and by tests that need real processes.
+//! drop. Used by the local launcher, the pool workers and tests that need real processes.
+//! [`worker_process`] is the one way any launcher starts a service (`rlhf worker --role R --
+//! ARGS --listen HOST:0`), so the coordinator's local launcher and a pool worker on another
+//! machine start exactly the same command.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -16,6 +19,85 @@ pub struct ServiceProcess {
 
 /// The line every service prints on stdout once it accepts connections.
 pub const READY_PREFIX: &str = "listening on ";
+
+/// How long a service may take to load its model and print its ready line.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// What a pool worker reports about an assignment's process (`AssignmentStatus.state`).
+pub mod assignment_state {
+    /// Placed, not reported on yet by its worker (listings only).
+    pub const ASSIGNED: &str = "assigned";
+    /// Being started (loading its model).
+    pub const STARTING: &str = "starting";
+    /// Serving at its URL.
+    pub const READY: &str = "ready";
+    /// Exited or failed to start (the detail says why).
+    pub const EXITED: &str = "exited";
+}
+
+/// `n` distinct ports free on `host` now (all bound at once, then released).
+pub fn free_ports(host: &str, n: usize) -> std::io::Result<Vec<SocketAddr>> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind((host, 0)))
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| {
+            std::io::Error::new(e.kind(), format!("finding {n} free ports on {host}: {e}"))
+        })?;
+    listeners
+        .iter()
+        .map(std::net::TcpListener::local_addr)
+        .collect()
+}
+
+/// The process `EXE worker --role ROLE -- ARGS --listen HOST:0`, its stderr appended to
+/// `log_path` (the local launcher and pool workers both start services this way).
+pub fn worker_process(
+    exe: &std::path::Path,
+    role: &str,
+    args: &[String],
+    log_path: &std::path::Path,
+    host: &str,
+) -> std::io::Result<Command> {
+    let context = |what: String| {
+        move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{what}: {e}"))
+    };
+    if let Some(dir) = log_path.parent() {
+        std::fs::create_dir_all(dir).map_err(context(format!("creating {}", dir.display())))?;
+    }
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .map_err(context(format!("opening {}", log_path.display())))?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["worker", "--role", role, "--"])
+        .args(args)
+        .arg("--listen")
+        .arg(format!("{host}:0"))
+        .stderr(log);
+    Ok(cmd)
+}
+
+/// This machine's host name.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// This binary, for starting workers. On Linux `/proc/self/exe` names the running image even
+/// after the file was replaced (a rebuild during a long run), so workers started late in a
+/// run execute the same code as their launcher.
+pub fn self_exe() -> std::io::Result<std::path::PathBuf> {
+    let proc = std::path::PathBuf::from("/proc/self/exe");
+    if proc.exists() {
+        return Ok(proc);
+    }
+    std::env::current_exe()
+}
 
 impl ServiceProcess {
     /// Starts `command` and waits up to `ready_timeout` for its ready line. The rest of its

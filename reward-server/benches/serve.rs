@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 use rlhf_model::testing::fixtures_dir;
 use rlhf_model::{HeadKind, LlamaDims, Model, ModelConfig, SaveOptions, device};
 use rlhf_proto::v1;
-use rlhf_proto::v1::reward_service_client::RewardServiceClient;
 use rlhf_reward::RewardConfig;
 
 fn reward_model(dir: &std::path::Path) {
@@ -47,12 +46,7 @@ async fn run(addr: String, clients: usize, seconds: f64) -> (f64, f64, f64) {
     for c in 0..clients {
         let addr = addr.clone();
         tasks.push(tokio::spawn(async move {
-            let channel = rlhf_proto::client::endpoint(&addr, Default::default())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut client = RewardServiceClient::new(channel);
+            let mut client = rlhf_proto::client::reward(&addr, Default::default()).unwrap();
             let mut latencies = Vec::new();
             let mut i = 0;
             while Instant::now() < until {

@@ -38,6 +38,10 @@ impl ConfigError {
 }
 
 /// Why a Score request failed.
+///
+/// Whether a failure is worth retrying is decided once, on the gRPC status it maps to
+/// (`From<ScoreError> for Status`, exhaustive), by `rlhf_proto::error::Failure`: the reward
+/// server's callers and its own remote objectives judge failures the same way.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ScoreError {
     /// The request itself is wrong (names the sample and the problem).
@@ -58,18 +62,6 @@ pub enum ScoreError {
 }
 
 impl ScoreError {
-    /// Whether retrying the same request later may succeed. Exhaustive on purpose: a new
-    /// variant must decide (STYLE.md §5).
-    pub fn retryable(&self) -> bool {
-        match self {
-            ScoreError::InvalidArgument(_) => false,
-            ScoreError::Overloaded(_) => true,
-            ScoreError::DeadlineExceeded(_) => true,
-            ScoreError::Objective { .. } => true,
-            ScoreError::Unavailable => true,
-        }
-    }
-
     /// Prefixes an objective failure with the objective's name.
     pub fn in_objective(self, objective: &str) -> ScoreError {
         match self {
@@ -91,6 +83,40 @@ impl From<ScoreError> for tonic::Status {
             ScoreError::DeadlineExceeded(_) => tonic::Status::deadline_exceeded(message),
             ScoreError::Objective { .. } => tonic::Status::unavailable(message),
             ScoreError::Unavailable => tonic::Status::unavailable(message),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rlhf_proto::error::Failure;
+
+    use super::*;
+
+    /// What callers will make of each error (the mapping above decides it).
+    #[test]
+    fn callers_retry_what_can_succeed_later() {
+        let cases = [
+            (ScoreError::InvalidArgument("x".into()), Failure::Rejected),
+            (ScoreError::Overloaded("x".into()), Failure::Overloaded),
+            (ScoreError::DeadlineExceeded("x".into()), Failure::TimedOut),
+            (
+                ScoreError::Objective {
+                    objective: "o".into(),
+                    message: "down".into(),
+                },
+                Failure::Unavailable,
+            ),
+            (ScoreError::Unavailable, Failure::Unavailable),
+        ];
+        for (err, want) in cases {
+            let status = tonic::Status::from(err.clone());
+            assert_eq!(Failure::of(&status), want, "{err}");
+            assert_eq!(
+                Failure::of(&status).retryable(),
+                !matches!(err, ScoreError::InvalidArgument(_)),
+                "{err}"
+            );
         }
     }
 }

@@ -1,20 +1,24 @@
 //! A `remote` objective: another `RewardService` computes the value, so rewards can be written in
 //! any language that speaks gRPC.
+//!
+//! Calls to the remote are retried with `rlhf_proto::error::retry` (so its failures are judged by
+//! the one classification, `rlhf_proto::error::Failure`), never past the caller's deadline.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
-use rlhf_proto::client::{Timeouts, channel};
+use rlhf_proto::client::{RewardClient, Timeouts};
+use rlhf_proto::error::{RetryPolicy, retry};
 use rlhf_proto::v1;
-use rlhf_proto::v1::reward_service_client::RewardServiceClient;
 use tokio::sync::OnceCell;
-use tonic::transport::Channel;
+use tonic::Status;
 
 use crate::error::ScoreError;
 use crate::sample::Sample;
 
 /// A client of a remote reward server, bound to one of its objectives.
 pub struct RemoteObjective {
-    client: RewardServiceClient<Channel>,
+    client: RewardClient,
     address: String,
     objective: Option<String>,
     timeout: Duration,
@@ -33,9 +37,10 @@ impl RemoteObjective {
             connect: timeout.min(Duration::from_secs(5)),
             request: timeout,
         };
-        let channel = channel(address, timeouts).map_err(|e| format!("{address}: {e}"))?;
+        let client =
+            rlhf_proto::client::reward(address, timeouts).map_err(|e| format!("{address}: {e}"))?;
         Ok(RemoteObjective {
-            client: RewardServiceClient::new(channel),
+            client,
             address: address.to_string(),
             objective,
             timeout,
@@ -59,12 +64,12 @@ impl RemoteObjective {
     }
 
     /// A request with the earlier of our timeout and the caller's deadline.
-    fn request<T>(&self, body: T, deadline: Instant) -> Result<tonic::Request<T>, ScoreError> {
+    fn request<T>(&self, body: T, deadline: Instant) -> Result<tonic::Request<T>, Status> {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .min(self.timeout);
         if left.is_zero() {
-            return Err(ScoreError::DeadlineExceeded(format!(
+            return Err(Status::deadline_exceeded(format!(
                 "before calling remote {}",
                 self.address
             )));
@@ -74,17 +79,64 @@ impl RemoteObjective {
         Ok(request)
     }
 
+    /// Calls the remote through `call` (given a request carrying what is left of the
+    /// deadline), retrying what `Failure` says is worth retrying, until `deadline`.
+    async fn call<B, T, F, Fut>(
+        &self,
+        rpc: &str,
+        body: B,
+        deadline: Instant,
+        mut call: F,
+    ) -> Result<T, ScoreError>
+    where
+        B: Clone,
+        F: FnMut(RewardClient, tonic::Request<B>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let what = format!("remote {} {rpc}", self.address);
+        let attempts = retry(&what, RetryPolicy::default(), || {
+            let request = self.request(body.clone(), deadline);
+            let client = self.client.clone();
+            let attempt = request.map(|r| call(client, r));
+            async move { attempt?.await }
+        });
+        match tokio::time::timeout_at(deadline.into(), attempts).await {
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+            Ok(Err(status)) => Err(self.classify(status)),
+            Err(_) => Err(ScoreError::DeadlineExceeded(format!(
+                "waiting for remote {}",
+                self.address
+            ))),
+        }
+    }
+
+    /// What the remote's final status (its message already names the remote and the call)
+    /// means for our caller: its verdict on the request stands, a deadline stays a deadline,
+    /// anything else is a failure of this objective.
+    fn classify(&self, s: Status) -> ScoreError {
+        match s.code() {
+            tonic::Code::InvalidArgument => ScoreError::InvalidArgument(s.message().to_string()),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                ScoreError::DeadlineExceeded(s.message().to_string())
+            }
+            code => ScoreError::Objective {
+                objective: String::new(),
+                message: format!("{} ({code:?})", s.message()),
+            },
+        }
+    }
+
     async fn index(&self, deadline: Instant) -> Result<usize, ScoreError> {
         self.index
             .get_or_try_init(|| async {
-                let request = self.request(v1::DescribeRequest {}, deadline)?;
                 let reply = self
-                    .client
-                    .clone()
-                    .describe(request)
-                    .await
-                    .map_err(|s| self.failed(status_text(&s)))?
-                    .into_inner();
+                    .call(
+                        "describe",
+                        v1::DescribeRequest {},
+                        deadline,
+                        |mut c, r| async move { c.describe(r).await },
+                    )
+                    .await?;
                 let names: Vec<&str> = reply.objectives.iter().map(|o| o.name.as_str()).collect();
                 match &self.objective {
                     Some(want) => names.iter().position(|n| n == want).ok_or_else(|| {
@@ -106,6 +158,7 @@ impl RemoteObjective {
     }
 
     /// The remote's value of each sample.
+    #[tracing::instrument(skip_all, fields(remote = %self.address, samples = samples.len()))]
     pub async fn score(
         &self,
         samples: &[Sample],
@@ -115,26 +168,12 @@ impl RemoteObjective {
         let body = v1::ScoreRequest {
             samples: samples.iter().map(Sample::to_proto).collect(),
         };
-        let request = self.request(body, deadline)?;
         let reply = self
-            .client
-            .clone()
-            .score(request)
-            .await
-            .map_err(|s| match s.code() {
-                tonic::Code::InvalidArgument => {
-                    ScoreError::InvalidArgument(format!("remote {}: {}", self.address, s.message()))
-                }
-                tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                    ScoreError::DeadlineExceeded(format!(
-                        "remote {}: {}",
-                        self.address,
-                        s.message()
-                    ))
-                }
-                _ => self.failed(status_text(&s)),
-            })?;
-        let scores = reply.into_inner().scores;
+            .call("score", body, deadline, |mut c, r| async move {
+                c.score(r).await
+            })
+            .await?;
+        let scores = reply.scores;
         if scores.len() != samples.len() {
             return Err(self.failed(format!(
                 "returned {} scores for {} samples",
@@ -153,8 +192,4 @@ impl RemoteObjective {
             })
             .collect()
     }
-}
-
-fn status_text(s: &tonic::Status) -> String {
-    format!("{:?}: {}", s.code(), s.message())
 }

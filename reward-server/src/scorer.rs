@@ -138,6 +138,7 @@ impl Scorer {
     }
 
     /// One vector per sample with one value per objective.
+    #[tracing::instrument(name = "score", skip_all, fields(samples = samples.len()))]
     pub async fn score(
         &self,
         samples: Vec<v1::Sample>,

@@ -3,13 +3,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rlhf_proto::client::limits;
 use rlhf_proto::service::ServiceHost;
+use rlhf_proto::trace;
 use rlhf_proto::v1;
 use rlhf_proto::v1::reward_service_server::{RewardService, RewardServiceServer};
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
-use tracing::Instrument;
 
 use crate::config::RewardConfig;
 use crate::metrics::Metrics;
@@ -46,24 +47,17 @@ pub fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration>
     })
 }
 
-#[tonic::async_trait]
-impl RewardService for RewardServer {
-    async fn score(
+impl RewardServer {
+    /// Scores `samples` within `timeout` and records the request's metrics.
+    async fn score_samples(
         &self,
-        request: Request<v1::ScoreRequest>,
-    ) -> Result<Response<v1::ScoreReply>, Status> {
+        samples: Vec<v1::Sample>,
+        timeout: Duration,
+    ) -> Result<v1::ScoreReply, Status> {
         let started = Instant::now();
-        let timeout = grpc_timeout(request.metadata())
-            .map_or(self.default_timeout, |t| t.min(self.default_timeout));
-        let samples = request.into_inner().samples;
         let n = samples.len();
-        let span = tracing::info_span!("score", samples = n);
         let metrics = &self.scorer.metrics;
-        let result = self
-            .scorer
-            .score(samples, started + timeout)
-            .instrument(span)
-            .await;
+        let result = self.scorer.score(samples, started + timeout).await;
         metrics
             .request_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -75,7 +69,7 @@ impl RewardService for RewardServer {
                     .into_iter()
                     .map(|values| v1::SampleScores { values })
                     .collect();
-                Ok(Response::new(v1::ScoreReply { scores }))
+                Ok(v1::ScoreReply { scores })
             }
             Err(err) => {
                 let status = Status::from(err);
@@ -89,10 +83,7 @@ impl RewardService for RewardServer {
         }
     }
 
-    async fn describe(
-        &self,
-        _request: Request<v1::DescribeRequest>,
-    ) -> Result<Response<v1::DescribeReply>, Status> {
+    fn objectives(&self) -> v1::DescribeReply {
         let objectives = self
             .scorer
             .describe()
@@ -104,7 +95,37 @@ impl RewardService for RewardServer {
                 description: o.description,
             })
             .collect();
-        Ok(Response::new(v1::DescribeReply { objectives }))
+        v1::DescribeReply { objectives }
+    }
+}
+
+#[tonic::async_trait]
+impl RewardService for RewardServer {
+    async fn score(
+        &self,
+        request: Request<v1::ScoreRequest>,
+    ) -> Result<Response<v1::ScoreReply>, Status> {
+        let (metadata, _, body) = request.into_parts();
+        let timeout =
+            grpc_timeout(&metadata).map_or(self.default_timeout, |t| t.min(self.default_timeout));
+        trace::serve(
+            "reward.score",
+            &metadata,
+            self.score_samples(body.samples, timeout),
+        )
+        .await
+        .map(Response::new)
+    }
+
+    async fn describe(
+        &self,
+        request: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::DescribeReply>, Status> {
+        let reply = trace::serve("reward.describe", request.metadata(), async {
+            self.objectives()
+        })
+        .await;
+        Ok(Response::new(reply))
     }
 }
 
@@ -122,7 +143,7 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let registry = scorer.metrics.registry.clone();
     let server = RewardServiceServer::new(RewardServer::new(scorer, request_timeout))
-        .max_decoding_message_size(64 << 20);
+        .max_decoding_message_size(limits::REPLY);
     let name = <RewardServiceServer<RewardServer> as NamedService>::NAME;
     let host = ServiceHost::new(tonic::service::Routes::new(server), vec![name], registry);
     tracing::info!(address = %listener.local_addr()?, "reward server listening");

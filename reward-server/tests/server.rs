@@ -7,13 +7,12 @@ use std::time::{Duration, Instant};
 
 use rlhf_model::testing::{fixture_models, reference};
 use rlhf_model::{HeadKind, ModelConfig};
+use rlhf_proto::client::RewardClient;
 use rlhf_proto::process::ServiceProcess;
 use rlhf_proto::v1;
-use rlhf_proto::v1::reward_service_client::RewardServiceClient;
 use rlhf_tests::http_get;
 use serde_json::Value;
 use tonic::Code;
-use tonic::transport::Channel;
 
 fn reward_models() -> Vec<PathBuf> {
     let dirs: Vec<PathBuf> = fixture_models()
@@ -45,13 +44,8 @@ fn rand_suffix() -> u128 {
         .as_nanos()
 }
 
-async fn client(server: &ServiceProcess) -> RewardServiceClient<Channel> {
-    let channel = rlhf_proto::client::endpoint(&server.url(), Default::default())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    RewardServiceClient::new(channel).max_decoding_message_size(64 << 20)
+async fn client(server: &ServiceProcess) -> RewardClient {
+    rlhf_proto::client::reward(&server.url(), Default::default()).unwrap()
 }
 
 fn text_sample(prompt: &str, completion: &str) -> v1::Sample {
@@ -85,7 +79,7 @@ fn model_config(model: &Path, batching: &str) -> String {
 }
 
 async fn score(
-    client: &mut RewardServiceClient<Channel>,
+    client: &mut RewardClient,
     samples: Vec<v1::Sample>,
 ) -> Result<Vec<Vec<f32>>, tonic::Status> {
     let reply = client.score(v1::ScoreRequest { samples }).await?;

@@ -14,8 +14,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 
-use crate::controller::Outcome;
-use crate::job::{DataSpec, JobSpec, PolicySpec};
+use rlhf_coordinator::controller::Outcome;
+use rlhf_coordinator::job::{DataSpec, JobSpec, PolicySpec};
 use rlhf_learner::algo::kl::KlController;
 
 #[derive(Debug, Subcommand)]
@@ -160,13 +160,15 @@ fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         let (run, done, peaks) = (job.output_dir(), done.clone(), peaks.clone());
         std::thread::spawn(move || watch_workers(run, done, peaks))
     };
-    let outcome = crate::cli::run::run_job(&job, String::new(), false, true);
+    let (_, never) = tokio::sync::watch::channel(false);
+    let outcome =
+        crate::runtime::block_on(crate::run::run_job(&job, String::new(), false, true, never));
     done.store(true, Ordering::Relaxed);
     let _ = watcher.join();
     if let Outcome::Stopped { .. } = outcome? {
         bail!("interrupted");
     }
-    let metrics = crate::plot::read_metrics(&job.output_dir().join("metrics.jsonl"))?;
+    let metrics = rlhf_coordinator::plot::read_metrics(&job.output_dir().join("metrics.jsonl"))?;
     let measured = |key: &str| -> Vec<f64> {
         metrics
             .get(key)
@@ -199,13 +201,16 @@ fn grpo(args: &GrpoBenchArgs) -> Result<()> {
         "generated_tokens_per_s": tokens / total_s.max(1e-9),
         "mean_completion_tokens": lengths.iter().sum::<f64>() / lengths.len().max(1) as f64,
         "peak_rss_mb": (workers + controller) as f64 / 1e6,
+        // The controller (this process): it handles summaries and control calls only, so it
+        // stays small whatever the model size.
+        "controller_peak_rss_mb": controller as f64 / 1e6,
         "peak_rss_mb_per_process": peaks.lock().expect("not poisoned").values().map(|b| *b as f64 / 1e6).collect::<Vec<_>>(),
     });
     if args.json {
         println!("{report}");
     } else {
         println!(
-            "GRPO on {}: {} prompts × {} samples × ≤{} tokens, {} measured steps after {} warm-up\n  {:.3} s/step, {:.0} generated tokens/s, peak memory {:.0} MB (all processes)",
+            "GRPO on {}: {} prompts × {} samples × ≤{} tokens, {} measured steps after {} warm-up\n  {:.3} s/step, {:.0} generated tokens/s, peak memory {:.0} MB (all processes; the controller {:.0} MB)",
             args.model.display(),
             args.prompts,
             args.samples,
@@ -217,6 +222,9 @@ fn grpo(args: &GrpoBenchArgs) -> Result<()> {
                 .as_f64()
                 .unwrap_or(f64::NAN),
             report["peak_rss_mb"].as_f64().unwrap_or(f64::NAN),
+            report["controller_peak_rss_mb"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
         );
     }
     Ok(())

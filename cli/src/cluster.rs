@@ -6,15 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use rlhf_proto::client::{Timeouts, channel};
+use rlhf_coordinator::service::LauncherKind;
+use rlhf_proto::client::{JobsClient, Timeouts, WorkersClient};
+use rlhf_proto::error::Failure;
 use rlhf_proto::v1;
-use rlhf_proto::v1::job_service_client::JobServiceClient;
-use rlhf_proto::v1::worker_service_client::WorkerServiceClient;
-use tonic::transport::Channel;
 
-use crate::service::{Coordinator, LauncherKind, Settings, default_state_dir, serve};
-use crate::slurm::Slurm;
-use crate::store::AnyStore;
+use crate::runtime::block_on as block;
 
 #[derive(Debug, Args)]
 pub struct CoordinatorArgs {
@@ -70,101 +67,50 @@ pub struct Target {
 }
 
 impl Target {
-    fn client(&self) -> Result<JobServiceClient<Channel>> {
-        Ok(JobServiceClient::new(self.channel()?))
+    const TIMEOUTS: Timeouts = Timeouts {
+        connect: Duration::from_secs(5),
+        request: Duration::from_secs(30),
+    };
+
+    fn client(&self) -> Result<JobsClient> {
+        rlhf_proto::client::jobs(&self.coordinator, Self::TIMEOUTS)
+            .with_context(|| format!("coordinator address {}", self.coordinator))
     }
 
-    fn channel(&self) -> Result<Channel> {
-        channel(
-            &self.coordinator,
-            Timeouts {
-                connect: Duration::from_secs(5),
-                request: Duration::from_secs(30),
-            },
-        )
-        .with_context(|| format!("coordinator address {}", self.coordinator))
+    fn workers(&self) -> Result<WorkersClient> {
+        rlhf_proto::client::workers(&self.coordinator, Self::TIMEOUTS)
+            .with_context(|| format!("coordinator address {}", self.coordinator))
     }
 }
 
+/// A failed call, said the way the shared classification judges it.
 fn status_error(e: tonic::Status, coordinator: &str) -> anyhow::Error {
-    match e.code() {
-        tonic::Code::Unavailable => {
+    match Failure::of(&e) {
+        Failure::Unreachable => {
             anyhow::anyhow!("coordinator {coordinator} is unreachable: {}", e.message())
         }
-        _ => anyhow::anyhow!("{}", e.message()),
+        Failure::Unavailable
+        | Failure::Overloaded
+        | Failure::TimedOut
+        | Failure::Rejected
+        | Failure::Internal => anyhow::anyhow!("{}", e.message()),
     }
 }
 
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
-        let store = AnyStore::open(&args.store).await?;
-        // Absolute: job outputs under it are named in assignments that other machines read.
-        let state_dir = std::path::absolute(args.state_dir.unwrap_or_else(default_state_dir))
-            .context("locating the state directory")?;
-        std::fs::create_dir_all(&state_dir)
-            .with_context(|| format!("creating {}", state_dir.display()))?;
-        let name = args.name.unwrap_or_else(|| {
-            format!(
-                "{}-{}",
-                std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into()),
-                std::process::id()
-            )
-        });
-        let listener = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        println!(
-            "{}{}",
-            rlhf_proto::process::READY_PREFIX,
-            listener.local_addr()?
-        );
-        let worker_ttl = Duration::try_from_secs_f64(args.worker_ttl)
-            .ok()
-            .filter(|t| !t.is_zero() && *t <= Duration::from_secs(86_400))
-            .with_context(|| {
-                format!(
-                    "--worker-ttl {}: expected 0 < seconds ≤ 86400",
-                    args.worker_ttl
-                )
-            })?;
-        let address = listener.local_addr()?;
-        let advertise = args.advertise_url.clone().unwrap_or_else(|| {
-            let host = if address.ip().is_unspecified() {
-                crate::cli::worker::host_name()
-            } else {
-                address.ip().to_string()
-            };
-            format!("http://{host}:{}", address.port())
-        });
-        let slurm = (args.launcher == LauncherKind::Slurm)
-            .then(|| -> Result<Slurm> {
-                Ok(Slurm {
-                    coordinator_url: advertise,
-                    rlhf: std::env::current_exe().context("locating the rlhf binary")?,
-                    options: args.slurm_options.clone(),
-                    dir: state_dir.join("slurm"),
-                    idle_exit: Duration::from_secs(args.slurm_idle_exit),
-                })
-            })
-            .transpose()?;
-        let settings = Settings {
-            launcher: args.launcher,
-            state_dir,
-            slots: args.slots.unwrap_or(match args.launcher {
-                LauncherKind::Local => 1,
-                LauncherKind::Static | LauncherKind::Slurm => 64,
-            }),
-            worker_ttl,
-            slurm,
-        };
-        let c = Coordinator::new(store, settings);
-        serve(c, name, listener).await
-    })
-}
-
-fn block<T>(f: impl std::future::Future<Output = Result<T>>) -> Result<T> {
-    tokio::runtime::Runtime::new()?.block_on(f)
+    let config = rlhf_coordinator::service::Config {
+        listen: args.listen,
+        store: args.store,
+        state_dir: args.state_dir,
+        slots: args.slots,
+        name: args.name,
+        launcher: args.launcher,
+        worker_ttl: args.worker_ttl,
+        advertise_url: args.advertise_url,
+        slurm_options: args.slurm_options,
+        slurm_idle_exit: args.slurm_idle_exit,
+    };
+    crate::runtime::block_on(rlhf_coordinator::service::run(config))
 }
 
 pub fn submit(target: Target, job: PathBuf) -> Result<()> {
@@ -195,7 +141,7 @@ pub fn submit(target: Target, job: PathBuf) -> Result<()> {
 }
 
 fn when(unix: f64) -> String {
-    let ago = crate::state::now() - unix;
+    let ago = rlhf_coordinator::state::now() - unix;
     match ago {
         a if a < 120.0 => format!("{a:.0}s ago"),
         a if a < 7200.0 => format!("{:.0}m ago", a / 60.0),
@@ -357,7 +303,8 @@ pub fn logs(target: Target, id: String, follow: bool) -> Result<()> {
 /// The registered workers and what they run.
 pub fn workers(target: Target, json: bool) -> Result<()> {
     block(async {
-        let list = WorkerServiceClient::new(target.channel()?)
+        let list = target
+            .workers()?
             .list_workers(v1::ListWorkersRequest {})
             .await
             .map_err(|e| status_error(e, &target.coordinator))?

@@ -1,4 +1,5 @@
-//! The quickstart pipeline: `rlhf run` on a file with a `[task]` table runs, in order,
+//! The quickstart experiment: a synthetic instruction task with a ground-truth judge. `rlhf run`
+//! on a file with a `[task]` table runs, in order,
 //!
 //! 1. `data`: prompts, SFT corpus and noisy preference pairs of the synthetic task;
 //! 2. `tokenizer`: a byte-level BPE tokenizer trained on that corpus;
@@ -10,7 +11,9 @@
 //! 8. the report: `report.json`, `report.md`, `curves.png` and the arms' `metrics.jsonl`.
 //!
 //! Each finished stage leaves `stages/<stage>.json`; `--resume` skips finished stages and arms
-//! and continues an interrupted arm from its checkpoint.
+//! and continues an interrupted arm from its checkpoint. The chain itself (stage markers,
+//! the output folder's claim, RL jobs through the runner) is the control plane's generic
+//! [`rlhf_coordinator::pipeline`]; this crate holds only what is particular to the demo task.
 
 pub mod data;
 pub mod report;
@@ -19,58 +22,62 @@ pub mod task;
 pub mod tokenizer;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use rlhf_coordinator::controller::Outcome;
+use rlhf_coordinator::job::JobSpec;
+use rlhf_coordinator::pipeline::{Stages, claim_output, rl_job};
+use rlhf_coordinator::plot;
+use rlhf_coordinator::runner::Sink;
 use rlhf_model::config::LlamaDims;
 use rlhf_model::{DType, Model, ModelConfig, SaveOptions, device};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
-use crate::cli::run::{RunArgs, run_job};
-use crate::controller::Outcome;
-use crate::job::JobSpec;
 use report::{ArmReport, Report, RunResult};
 pub use spec::{Layout, PipelineSpec, is_pipeline};
 
-/// Runs `f` unless the stage's marker says it finished; the marker keeps its result and time.
-fn stage<T: Serialize + DeserializeOwned>(
-    layout: &Layout,
-    name: &str,
-    timing: &mut BTreeMap<String, f64>,
-    f: impl FnOnce() -> Result<T>,
-) -> Result<T> {
-    let marker = layout.stage_marker(name);
-    // A marker that does not parse (a crash while writing it) means the stage runs again.
-    let saved = std::fs::read_to_string(&marker)
-        .ok()
-        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-        .and_then(|saved| {
-            let result = serde_json::from_value::<T>(saved["result"].clone()).ok()?;
-            Some((saved["seconds"].as_f64().unwrap_or(0.0), result))
-        });
-    if let Some((seconds, result)) = saved {
-        timing.insert(name.into(), seconds);
-        eprintln!("[{name}] done earlier");
-        return Ok(result);
-    }
-    eprintln!("[{name}] …");
-    let started = Instant::now();
-    let result = f().with_context(|| format!("stage `{name}`"))?;
-    let seconds = started.elapsed().as_secs_f64();
-    timing.insert(name.into(), seconds);
-    std::fs::create_dir_all(marker.parent().expect("stages/ folder"))?;
-    let saved = serde_json::json!({"seconds": seconds, "result": result});
-    crate::job::write_atomic(&marker, serde_json::to_string_pretty(&saved)?.as_bytes())?;
-    eprintln!("[{name}] done in {seconds:.0} s");
-    Ok(result)
+/// A pipeline run as the command line asks for it.
+pub struct Options {
+    /// The pipeline file and its text.
+    pub file: PathBuf,
+    pub text: String,
+    /// Overrides the file's `output_dir`.
+    pub out: Option<PathBuf>,
+    /// Overrides `rollout.steps`.
+    pub steps: Option<u64>,
+    pub resume: bool,
+    /// No progress bars in the training stages.
+    pub quiet: bool,
 }
 
-/// Runs a pipeline file.
-pub fn run(args: &RunArgs, text: &str) -> Result<()> {
-    let mut spec = PipelineSpec::from_toml(text, &args.job)
-        .map_err(|problems| crate::job::problems_error(&args.job, problems))?;
+/// How a pipeline run ended.
+pub enum Finished {
+    /// Every stage ran: the report's table and where its files are.
+    Done {
+        table: String,
+        report: PathBuf,
+        curves: PathBuf,
+    },
+    /// Stopped on request inside an RL arm (checkpointed).
+    Stopped { arm: String, seed: u64, step: u64 },
+}
+
+/// Progress display for one RL job (the command line's), if any.
+pub type Progress<'a> = &'a dyn Fn(&JobSpec) -> Option<Box<dyn Sink>>;
+
+/// Runs a pipeline file. The training stages run on this thread; the RL jobs on `runtime`.
+/// `stop` turning true stops the current RL job after a checkpoint.
+pub fn run(
+    args: &Options,
+    runtime: &tokio::runtime::Handle,
+    stop: watch::Receiver<bool>,
+    progress: Progress<'_>,
+) -> Result<Finished> {
+    let text = args.text.as_str();
+    let mut spec = PipelineSpec::from_toml(text, &args.file)
+        .map_err(|problems| rlhf_coordinator::job::problems_error(&args.file, problems))?;
     if let Some(out) = &args.out {
         spec.output_dir = Some(out.clone());
     }
@@ -83,11 +90,9 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
         .with_context(|| format!("output folder {}", spec.output_dir().display()))?;
     let layout = Layout { root };
     claim_output(&layout.root, text, args.resume)?;
-    let mut timing = BTreeMap::new();
+    let mut stages = Stages::new(&layout.root);
 
-    let data = stage(&layout, "data", &mut timing, || {
-        data::generate(&spec, &layout)
-    })?;
+    let data = stages.run("data", || data::generate(&spec, &layout))?;
     eprintln!(
         "  {} train / {} held-out prompts, {} SFT examples ({:.0}% good), {} pairs per property",
         data.train_prompts,
@@ -96,7 +101,7 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
         100.0 * data.sft_good_rate,
         data.preference_pairs
     );
-    let vocab = stage(&layout, "tokenizer", &mut timing, || {
+    let vocab = stages.run("tokenizer", || {
         let corpus = data::corpus(&layout)?;
         let (vocab, _) = tokenizer::train_tokenizer(
             corpus.iter().map(String::as_str),
@@ -105,10 +110,8 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
         )?;
         Ok(vocab)
     })?;
-    stage(&layout, "init", &mut timing, || {
-        init_model(&spec, &layout, vocab)
-    })?;
-    let sft = stage(&layout, "sft", &mut timing, || {
+    stages.run("init", || init_model(&spec, &layout, vocab))?;
+    let sft = stages.run("sft", || {
         let report = rlhf_learner::sft::train_sft(&rlhf_learner::sft::SftOptions {
             model: layout.model("init"),
             data: layout.data("sft.jsonl"),
@@ -133,11 +136,11 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
             e.eval_nll.unwrap_or(f64::NAN)
         );
     }
-    let reward_models = stage(&layout, "reward_models", &mut timing, || {
+    let reward_models = stages.run("reward_models", || {
         train_reward_models(&spec, &layout, args.quiet)
     })?;
     let requests = report::eval_requests(&layout.data("eval.jsonl"))?;
-    let sft_judged = stage(&layout, "sft_eval", &mut timing, || {
+    let sft_judged = stages.run("sft_eval", || {
         let completions = report::sample_policy(
             &layout.model("sft"),
             &requests,
@@ -162,16 +165,16 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
             let dir = job.output_dir();
             eprintln!("[rl {transform} seed {seed}] → {}", dir.display());
             let arm_started = Instant::now();
-            let outcome = run_arm(&job, args.quiet)?;
+            let outcome = runtime.block_on(rl_job(&job, stop.clone(), progress(&job)))?;
             rl_seconds += arm_seconds(&dir, arm_started.elapsed().as_secs_f64())?;
             if let Outcome::Stopped { step } = outcome {
-                eprintln!(
-                    "stopped in arm {transform}/seed {seed} after step {step}; `rlhf run {} --resume` continues",
-                    args.job.display()
-                );
-                return Ok(());
+                return Ok(Finished::Stopped {
+                    arm: transform.clone(),
+                    seed,
+                    step,
+                });
             }
-            let metrics = crate::plot::read_metrics(&dir.join("metrics.jsonl"))?;
+            let metrics = plot::read_metrics(&dir.join("metrics.jsonl"))?;
             let evaluations = report::judge_arm(&dir, &requests)?;
             let last = evaluations
                 .last()
@@ -188,6 +191,7 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
         }
         arms.insert(transform.clone(), ArmReport::new(runs));
     }
+    let mut timing = stages.timing;
     timing.insert("rl".into(), rl_seconds);
     let total = timing.values().sum::<f64>();
     timing.insert("total".into(), total);
@@ -200,13 +204,11 @@ pub fn run(args: &RunArgs, text: &str) -> Result<()> {
         timing_seconds: timing,
     };
     write_report(&layout, &report, &arm_metrics)?;
-    println!("\n{}", report.table());
-    println!(
-        "report: {}  curves: {}",
-        layout.root.join("report.md").display(),
-        layout.root.join("curves.png").display()
-    );
-    Ok(())
+    Ok(Finished::Done {
+        table: report.table(),
+        report: layout.root.join("report.md"),
+        curves: layout.root.join("curves.png"),
+    })
 }
 
 /// Adds `seconds` to the arm's recorded wall time (`pipeline_seconds.json`, so a resumed
@@ -219,28 +221,6 @@ fn arm_seconds(dir: &Path, seconds: f64) -> Result<f64> {
         .unwrap_or(0.0);
     std::fs::write(&path, format!("{}\n", before + seconds))?;
     Ok(before + seconds)
-}
-
-/// Refuses to mix two pipelines' outputs in one folder.
-fn claim_output(root: &Path, text: &str, resume: bool) -> Result<()> {
-    let copy = root.join("pipeline.toml");
-    match std::fs::read_to_string(&copy) {
-        Ok(previous) if previous != text => bail!(
-            "{} was made by a different pipeline file (see {}); use another --out",
-            root.display(),
-            copy.display()
-        ),
-        Ok(_) if !resume => bail!(
-            "{} already holds this pipeline's run; `--resume` continues it, or use another --out",
-            root.display()
-        ),
-        Ok(_) => Ok(()),
-        Err(_) => {
-            std::fs::create_dir_all(root)
-                .with_context(|| format!("creating {}", root.display()))?;
-            std::fs::write(&copy, text).with_context(|| format!("writing {}", copy.display()))
-        }
-    }
 }
 
 /// A tiny Llama from scratch, with the trained tokenizer.
@@ -317,38 +297,12 @@ fn train_reward_models(
     Ok(serde_json::Value::Object(out))
 }
 
-/// Runs (or resumes, or skips when finished) one arm's RL job.
-fn run_arm(job: &JobSpec, quiet: bool) -> Result<Outcome> {
-    let dir = job.output_dir();
-    std::fs::create_dir_all(&dir)?;
-    let record = dir.join("job.json");
-    if let Ok(text) = std::fs::read_to_string(&record)
-        && serde_json::from_str::<crate::state::JobRecord>(&text)
-            .is_ok_and(|r| r.state == crate::state::JobState::Succeeded)
-    {
-        eprintln!("  done earlier");
-        return Ok(Outcome::Succeeded);
-    }
-    // The arm's job file: what ran, and a job a user can rerun on its own.
-    let path = dir.join("job.toml");
-    let text = toml::to_string(job).context("writing the arm's job file")?;
-    std::fs::write(&path, &text)?;
-    let job = JobSpec::from_file(&path).map_err(|p| {
-        anyhow::anyhow!(
-            "{}: generated job is invalid:\n  {}",
-            path.display(),
-            p.join("\n  ")
-        )
-    })?;
-    run_job(&job, text, record.is_file(), quiet)
-}
-
 /// `report.json`, `report.md`, `curves.png`, and every arm's metrics in one `metrics.jsonl`
 /// (each line tagged with its arm and seed).
 fn write_report(
     layout: &Layout,
     report: &Report,
-    metrics: &BTreeMap<(String, u64), crate::plot::MetricSeries>,
+    metrics: &BTreeMap<(String, u64), plot::MetricSeries>,
 ) -> Result<()> {
     let root = &layout.root;
     std::fs::write(
@@ -371,5 +325,5 @@ fn write_report(
         }
     }
     std::fs::write(root.join("metrics.jsonl"), lines)?;
-    crate::plot::draw(&report.panels(metrics), 3, &root.join("curves.png"))
+    plot::draw(&report.panels(metrics), 3, &root.join("curves.png"))
 }

@@ -1,4 +1,8 @@
-//! The pool worker: register, heartbeat, and keep the assigned service processes running.
+//! The pool worker daemon (`rlhf worker --role R --coordinator URL`): register with a
+//! coordinator, heartbeat, and keep the assigned service processes running. It speaks to the
+//! coordinator only through the `WorkerService` protocol and starts services the same way the
+//! local launcher does ([`rlhf_proto::process::worker_process`]), so it depends on no part of
+//! the control plane.
 //!
 //! Failure model: while the coordinator is unreachable (a failover, a restart) the processes
 //! run on and heartbeats are retried. Once the worker has not been heard for longer than its
@@ -11,24 +15,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use rlhf_proto::client::{Timeouts, channel};
-use rlhf_proto::process::ServiceProcess;
+use rlhf_proto::client::{Timeouts, WorkersClient};
+use rlhf_proto::process::assignment_state as state;
+use rlhf_proto::process::{READY_TIMEOUT as READY, ServiceProcess, free_ports, worker_process};
 use rlhf_proto::v1;
-use rlhf_proto::v1::worker_service_client::WorkerServiceClient;
-use tonic::transport::Channel;
 
-use crate::launcher::{READY, free_ports, worker_process};
-use crate::pool::state;
-
-/// This machine's host name.
-pub fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
-}
+pub use rlhf_proto::process::host_name;
 
 /// The IP address of `host` (services bind to an IP; an IPv4 one is preferred).
 pub fn resolve(host: &str) -> Result<String> {
@@ -84,7 +76,7 @@ type Running = HashMap<String, Arc<Mutex<Slot>>>;
 
 /// Runs the pool worker until it is killed or, with `idle_exit`, has had no assignment for that
 /// long.
-pub fn run(
+pub async fn run(
     coordinator: &str,
     mut register: v1::RegisterWorkerRequest,
     idle_exit: Option<Duration>,
@@ -97,15 +89,15 @@ pub fn run(
             .map(|a| u32::from(a.port()))
             .collect();
     }
-    let exe = crate::cli::run::self_exe()?;
-    tokio::runtime::Runtime::new()?.block_on(serve(coordinator, register, exe, idle_exit))
+    let exe = rlhf_proto::process::self_exe().context("locating the rlhf binary")?;
+    serve(coordinator, register, exe, idle_exit).await
 }
 
 /// Clients of every coordinator given (`URL[,URL…]`): a worker follows whichever answers, so
 /// it keeps its work across a failover to a standby.
 struct Coordinators {
     urls: Vec<String>,
-    clients: Vec<WorkerServiceClient<Channel>>,
+    clients: Vec<WorkersClient>,
     current: usize,
 }
 
@@ -127,9 +119,8 @@ impl Coordinators {
         let clients = urls
             .iter()
             .map(|u| {
-                let ch =
-                    channel(u, timeouts).with_context(|| format!("coordinator address {u}"))?;
-                Ok(WorkerServiceClient::new(ch))
+                rlhf_proto::client::workers(u, timeouts)
+                    .with_context(|| format!("coordinator address {u}"))
             })
             .collect::<Result<_>>()?;
         Ok(Coordinators {
@@ -139,7 +130,7 @@ impl Coordinators {
         })
     }
 
-    fn client(&mut self) -> &mut WorkerServiceClient<Channel> {
+    fn client(&mut self) -> &mut WorkersClient {
         &mut self.clients[self.current]
     }
 
@@ -329,7 +320,7 @@ fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Laun
                     let started = |pid| {
                         slot.lock().expect("not poisoned").status.pid = pid;
                     };
-                    Ok(ServiceProcess::spawn_with(cmd, READY, started)?)
+                    ServiceProcess::spawn_with(cmd, READY, started)
                 });
             let mut slot = slot.lock().expect("not poisoned");
             match started {

@@ -11,8 +11,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::spec::{Layout, PipelineSpec};
-use super::task::{Property, Request, Verdict, annotate, complete, judge, split_requests};
+use crate::spec::{Layout, PipelineSpec};
+use crate::task::{Property, Request, Verdict, annotate, complete, judge, split_requests};
 
 /// What the data stage wrote.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::task::{Annotators, BehaviourMix};
-use crate::job::{
+use crate::task::{Annotators, BehaviourMix};
+use rlhf_coordinator::job::{
     DataSpec, EvaluationSpec, JobSpec, LearnerSpec, PolicySpec, ResourcesSpec, RewardsSpec,
     RolloutSpec,
 };
@@ -266,7 +266,7 @@ impl PipelineSpec {
                 ));
             }
         }
-        p.extend(crate::job::name_problem(&self.name));
+        p.extend(rlhf_coordinator::job::name_problem(&self.name));
         // The RL settings, checked now rather than after the training stages.
         let layout = Layout {
             root: PathBuf::from("/nonexistent"),

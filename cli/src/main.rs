@@ -1,11 +1,21 @@
-//! `rlhf`: the one user-facing binary.
+//! `rlhf`: the one user-facing binary. This crate parses arguments and prints; everything it
+//! runs lives in the libraries below it (the control plane, the services, the quickstart).
+
+mod args;
+mod bench;
+mod cluster;
+mod model;
+mod reward;
+mod run;
+mod runtime;
+mod worker;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = rlhf_coordinator::cli::Cli::parse();
+    let cli = args::Cli::parse();
     // Rust ignores SIGPIPE, so printing into a closed pipe (`rlhf jobs | head -1`) would panic;
     // the default action ends a command quietly, as other tools do. Services keep ignoring it:
     // one must not die because whoever reads its output went away.
@@ -16,8 +26,16 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
+    if cli.log_format == rlhf_proto::logging::LogFormat::Json {
+        // Every process this one starts (launchers' workers, a pool worker's services) is an
+        // `rlhf` that reads its format from the environment: they all log JSON too.
+        // SAFETY: called before this process starts any thread.
+        unsafe {
+            std::env::set_var(args::LOG_FORMAT_ENV, "json");
+        }
+    }
     rlhf_proto::logging::init_logging(cli.log_format);
-    match rlhf_coordinator::cli::run(cli) {
+    match args::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // The whole chain, so the user sees the file/field at the root of the problem.

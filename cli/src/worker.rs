@@ -11,10 +11,6 @@
 use anyhow::{Result, bail};
 use clap::{Args, Parser, ValueEnum};
 
-mod agent;
-
-pub use agent::host_name;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Role {
     Actor,
@@ -105,7 +101,7 @@ pub fn run(w: WorkerArgs) -> Result<()> {
         }
         let node = match &w.node {
             Some(node) => node.clone(),
-            None => agent::host_name(),
+            None => rlhf_worker::host_name(),
         };
         let register = rlhf_proto::v1::RegisterWorkerRequest {
             role: w.role.as_str().into(),
@@ -116,7 +112,7 @@ pub fn run(w: WorkerArgs) -> Result<()> {
             collective_ports: Vec::new(),
         };
         let idle = w.exit_when_idle.map(std::time::Duration::from_secs);
-        return agent::run(coordinator, register, idle);
+        return crate::runtime::block_on(rlhf_worker::run(coordinator, register, idle));
     }
     #[cfg(unix)]
     exit_with_parent();

@@ -1,22 +1,24 @@
-//! Command-line interface of `rlhf`. Each subcommand group lives in its own module.
-
-mod bench;
-mod cluster;
-mod model;
-mod reward;
-pub mod run;
-mod worker;
+//! The command line of `rlhf`: the subcommands and where each is handled. Each subcommand group
+//! lives in its own module.
 
 use clap::{Parser, Subcommand};
 
+use rlhf_coordinator::plot;
+
+use crate::{bench, cluster, model, reward, run, worker};
+
 use rlhf_proto::logging::LogFormat;
+
+/// Where child processes find the log format.
+pub const LOG_FORMAT_ENV: &str = "RLHF_LOG_FORMAT";
 
 /// Align Llama-family language models with online RL against several rewards at once.
 #[derive(Debug, Parser)]
 #[command(name = "rlhf", version, about)]
 pub struct Cli {
-    /// Log line format on stderr.
-    #[arg(long, global = true, default_value = "text")]
+    /// Log line format on stderr (`text` or `json`). Processes started by this one (the
+    /// launchers' workers) inherit it.
+    #[arg(long, global = true, default_value = "text", env = LOG_FORMAT_ENV)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -119,34 +121,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model { command } => model::run(command),
         Command::Reward { command } => reward::run(command),
         Command::Run(args) => run::run(args),
-        Command::Validate { job } => {
-            let text = std::fs::read_to_string(&job)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", job.display()))?;
-            if crate::pipeline::is_pipeline(&text) {
-                let spec = crate::pipeline::PipelineSpec::from_toml(&text, &job)
-                    .map_err(|p| crate::job::problems_error(&job, p))?;
-                println!(
-                    "{}: ok — pipeline `{}`, arms {:?} × seeds {:?}, {} RL steps, {:?}",
-                    job.display(),
-                    spec.name,
-                    spec.arms.transforms,
-                    spec.seeds(),
-                    spec.rollout.steps,
-                    spec.learner.algorithm
-                );
-                return Ok(());
-            }
-            let spec = run::load_job(&job)?;
-            println!(
-                "{}: ok — job `{}`, {} objective(s), {} steps, {:?}",
-                job.display(),
-                spec.name,
-                spec.objectives.len(),
-                spec.rollout.steps,
-                spec.learner.algorithm
-            );
-            Ok(())
-        }
+        Command::Validate { job } => run::validate(&job),
         Command::Worker(args) => worker::run(args),
         Command::Bench { command } => bench::run(command),
         Command::Coordinator(args) => cluster::coordinator(args),
@@ -166,11 +141,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 run
             };
-            let panels = crate::plot::metric_panels(&crate::plot::read_metrics(&file)?);
+            let panels = plot::metric_panels(&plot::read_metrics(&file)?);
             if panels.is_empty() {
                 anyhow::bail!("{}: no metrics to plot", file.display());
             }
-            crate::plot::draw(&panels, 2, &out)?;
+            plot::draw(&panels, 2, &out)?;
             eprintln!("wrote {}", out.display());
             Ok(())
         }

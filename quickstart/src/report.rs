@@ -11,8 +11,8 @@ use rlhf_model::{
 };
 use serde::{Deserialize, Serialize};
 
-use super::task::{Request, judge};
-use crate::plot::{Panel, Series};
+use crate::task::{Request, judge};
+use rlhf_coordinator::plot::{Panel, Series};
 
 /// Ground-truth rates over a set of held-out completions.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -254,7 +254,7 @@ fn scalars(r: &RunResult) -> Vec<(String, f64)> {
 }
 
 /// Mean sequence KL over the last `n` steps of a metrics file.
-pub fn final_kl(metrics: &crate::plot::MetricSeries, n: usize) -> f64 {
+pub fn final_kl(metrics: &rlhf_coordinator::plot::MetricSeries, n: usize) -> f64 {
     let Some(points) = metrics.get("kl/sequence") else {
         return f64::NAN;
     };
@@ -337,7 +337,7 @@ impl Report {
     /// both-good rate against KL, one colour per arm.
     pub fn panels(
         &self,
-        metrics: &BTreeMap<(String, u64), crate::plot::MetricSeries>,
+        metrics: &BTreeMap<(String, u64), rlhf_coordinator::plot::MetricSeries>,
     ) -> Vec<Panel> {
         let arm_colors: BTreeMap<&String, usize> =
             self.arms.keys().enumerate().map(|(i, k)| (k, i)).collect();

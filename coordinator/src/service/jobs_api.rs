@@ -1,0 +1,214 @@
+//! The job API (`JobService`): submit, get, list, cancel, watch.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rlhf_proto::v1;
+use rlhf_proto::v1::job_service_server::JobService;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use super::coordinator::{Coordinator, JOBS, StoredJob, internal};
+use crate::job::JobSpec;
+use crate::state::{JobRecord, JobState, now};
+use crate::store::StateStore;
+
+/// The gRPC face of a [`Coordinator`].
+pub struct JobApi(pub Arc<Coordinator>);
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    #[tracing::instrument(skip_all, name = "jobs.submit")]
+    async fn submit(
+        &self,
+        request: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let r = request.into_inner();
+        let base = PathBuf::from(&r.base_dir);
+        let spec =
+            JobSpec::from_toml(&r.spec_toml, &base.join("job.toml")).map_err(|problems| {
+                Status::invalid_argument(format!(
+                    "{} problem(s):\n{}",
+                    problems.len(),
+                    problems.join("\n")
+                ))
+            })?;
+        let c = &self.0;
+        if let Some(dir) = &spec.output_dir {
+            let live = c.all().await.map_err(internal)?;
+            if let Some(other) = live
+                .iter()
+                .find(|j| !j.record.state.is_terminal() && &j.output_dir == dir)
+            {
+                return Err(Status::failed_precondition(format!(
+                    "output_dir {} is in use by job `{}` ({})",
+                    dir.display(),
+                    other.record.id,
+                    other.record.state.as_str()
+                )));
+            }
+        }
+        for n in 1..=100_000u32 {
+            let id = format!("{}-{n}", spec.name);
+            let output_dir = spec
+                .output_dir
+                .clone()
+                .unwrap_or_else(|| c.state_dir.join("runs").join(&id));
+            let job = StoredJob {
+                record: JobRecord::new(
+                    id.clone(),
+                    spec.name.clone(),
+                    r.spec_toml.clone(),
+                    spec.priority,
+                ),
+                base_dir: base.clone(),
+                output_dir,
+                total_steps: spec.rollout.steps,
+                submitted: now(),
+                metrics: BTreeMap::new(),
+                cancel_requested: false,
+                waiting: String::new(),
+                slurm_job: String::new(),
+            };
+            let text = serde_json::to_string(&job).map_err(|e| internal(e.into()))?;
+            if c.store
+                .create(&format!("{JOBS}{id}"), &text, None)
+                .await
+                .map_err(internal)?
+            {
+                c.wake.notify_one();
+                return Ok(Response::new(job.info()));
+            }
+        }
+        Err(Status::resource_exhausted("no free job id"))
+    }
+
+    #[tracing::instrument(skip_all, name = "jobs.get")]
+    async fn get(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let id = request.into_inner().id;
+        match self.0.load(&id).await.map_err(internal)? {
+            Some(job) => Ok(Response::new(job.info())),
+            None => Err(Status::not_found(format!("no job `{id}`"))),
+        }
+    }
+
+    #[tracing::instrument(skip_all, name = "jobs.list")]
+    async fn list(
+        &self,
+        _: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsReply>, Status> {
+        let mut jobs = self.0.all().await.map_err(internal)?;
+        jobs.sort_by(|a, b| b.submitted.total_cmp(&a.submitted));
+        Ok(Response::new(v1::ListJobsReply {
+            jobs: jobs.iter().map(StoredJob::info).collect(),
+        }))
+    }
+
+    #[tracing::instrument(skip_all, name = "jobs.cancel")]
+    async fn cancel(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::JobInfo>, Status> {
+        let id = request.into_inner().id;
+        let c = &self.0;
+        let job = c
+            .load(&id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no job `{id}`")))?;
+        if job.record.state.is_terminal() {
+            return Err(Status::failed_precondition(format!(
+                "job `{id}` already {}",
+                job.record.state.as_str()
+            )));
+        }
+        let job = c
+            .update(&id, |j| {
+                if j.record.state == JobState::Queued {
+                    let _ = j
+                        .record
+                        .transition(JobState::Cancelled, "cancelled before it started");
+                } else {
+                    j.cancel_requested = true;
+                }
+            })
+            .await
+            .map_err(internal)?;
+        c.wake.notify_one();
+        Ok(Response::new(job.info()))
+    }
+
+    type WatchStream = WatchStream;
+
+    #[tracing::instrument(skip_all, name = "jobs.watch")]
+    async fn watch(
+        &self,
+        request: Request<v1::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let id = request.into_inner().id;
+        let c = self.0.clone();
+        // The whole history is sent first, so a client sees every change without a gap.
+        c.load(&id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no job `{id}`")))?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let (mut seen_history, mut seen_step) = (0, 0);
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let job = match c.load(&id).await {
+                    Ok(Some(job)) => job,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(internal(e))).await;
+                        return;
+                    }
+                };
+                let info = job.info();
+                if job.record.last_step > seen_step {
+                    seen_step = job.record.last_step;
+                    let step = v1::StepMetrics {
+                        step: seen_step,
+                        total: job.total_steps,
+                        metrics: info.metrics.clone(),
+                    };
+                    let event = v1::job_event::Event::Step(step);
+                    if tx
+                        .send(Ok(v1::JobEvent { event: Some(event) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                for change in info.history.into_iter().skip(seen_history) {
+                    seen_history += 1;
+                    let event = v1::job_event::Event::State(change);
+                    if tx
+                        .send(Ok(v1::JobEvent { event: Some(event) }))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                if job.record.state.is_terminal() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+}
