@@ -35,15 +35,5 @@ fn main() -> ExitCode {
         }
     }
     rlhf_proto::logging::init_logging(cli.log_format);
-    match args::run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // The whole chain, so the user sees the file/field at the root of the problem.
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            ExitCode::FAILURE
-        }
-    }
+    rlhf_proto::logging::exit_code(args::run(cli))
 }

@@ -1,4 +1,4 @@
-//! `rlhf model info | generate | logprobs | score`.
+//! `rlhf model info | init | generate | logprobs | score`.
 //!
 //! With `--json`, stdout holds exactly one JSON object; everything else goes to stderr.
 
@@ -22,6 +22,23 @@ pub enum ModelCommand {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// A new model folder with random weights: the architecture from a Hugging Face
+    /// `config.json`, the tokenizer files copied from another folder (for benchmarks and tests
+    /// at a real model's shape without downloading it).
+    Init {
+        /// A `config.json` (or a folder holding one).
+        #[arg(long)]
+        config: PathBuf,
+        /// A model folder whose tokenizer files are copied.
+        #[arg(long)]
+        tokenizer_from: PathBuf,
+        /// The new folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seeds the initialisation.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Continue a prompt.
     Generate(GenerateArgs),
@@ -91,6 +108,12 @@ pub struct GenerateArgs {
 pub fn run(command: ModelCommand) -> Result<()> {
     match command {
         ModelCommand::Info { model, json } => info(&model.dir, json),
+        ModelCommand::Init {
+            config,
+            tokenizer_from,
+            out,
+            seed,
+        } => init(&config, &tokenizer_from, &out, seed),
         ModelCommand::Generate(args) => generate(args),
         ModelCommand::Logprobs {
             model,
@@ -115,6 +138,27 @@ fn load(dir: &Path) -> Result<(Model, Tokenizer)> {
     let tokenizer =
         Tokenizer::from_dir(dir).with_context(|| format!("loading tokenizer {}", dir.display()))?;
     Ok((model, tokenizer))
+}
+
+fn init(config: &Path, tokenizer_from: &Path, out: &Path, seed: u64) -> Result<()> {
+    if out.join("config.json").exists() {
+        bail!("{} already holds a model", out.display());
+    }
+    let config = ModelConfig::from_path(config)?;
+    Model::init(&config, &device::inference_device()?, seed).save(
+        out,
+        &rlhf_model::SaveOptions {
+            dtype: rlhf_model::DType::F32,
+            ..Default::default()
+        },
+    )?;
+    rlhf_model::tokenizer::copy_tokenizer_files(tokenizer_from, out)?;
+    eprintln!(
+        "{}: {:.1}M parameters, random weights (seed {seed})",
+        out.display(),
+        config.num_parameters() as f64 / 1e6
+    );
+    Ok(())
 }
 
 fn info(dir: &Path, as_json: bool) -> Result<()> {

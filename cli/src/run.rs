@@ -42,10 +42,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     let text = std::fs::read_to_string(&args.job)
         .with_context(|| format!("reading {}", args.job.display()))?;
     let runtime = crate::runtime::runtime()?;
-    let stop = runtime.block_on(async { ctrl_c_stops() });
     if rlhf_quickstart::is_pipeline(&text) {
-        return pipeline(&args, text, &runtime, stop);
+        return pipeline(&args, text, &runtime);
     }
+    let stop = runtime.block_on(async { ctrl_c_stops() });
     let mut job = load_job(&args.job)?;
     if let Some(out) = &args.out {
         job.output_dir = Some(out.clone());
@@ -89,12 +89,7 @@ pub async fn run_job(
         .0
 }
 
-fn pipeline(
-    args: &RunArgs,
-    text: String,
-    runtime: &tokio::runtime::Runtime,
-    stop: watch::Receiver<bool>,
-) -> Result<()> {
+fn pipeline(args: &RunArgs, text: String, runtime: &tokio::runtime::Runtime) -> Result<()> {
     let options = rlhf_quickstart::Options {
         file: args.job.clone(),
         text,
@@ -106,7 +101,14 @@ fn pipeline(
     let quiet = args.quiet;
     let progress =
         move |job: &JobSpec| -> Option<Box<dyn Sink>> { Some(Box::new(Display::new(job, quiet))) };
-    match rlhf_quickstart::run(&options, runtime.handle(), stop, &progress)? {
+    // Ctrl-C keeps its default action (end at once) through the training stages; from the
+    // first RL job on, it stops the job after a checkpoint.
+    let stop = std::cell::OnceCell::new();
+    let stop = || {
+        stop.get_or_init(|| runtime.block_on(async { ctrl_c_stops() }))
+            .clone()
+    };
+    match rlhf_quickstart::run(&options, runtime.handle(), &stop, &progress)? {
         rlhf_quickstart::Finished::Done {
             table,
             report,

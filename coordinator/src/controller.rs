@@ -275,6 +275,17 @@ impl Controller {
                     step = self.recover_learner().await? + 1;
                     continue;
                 }
+                Err(LearnerFailure::Failed(e)) if !self.learners_alive().await => {
+                    // It answered with an error or not in time, and now does not answer at all.
+                    self.emit(Event::Log(format!(
+                        "learner stopped answering in step {step} ({e:#}); replacing it"
+                    )));
+                    if let Some(h) = prefetched.take() {
+                        h.abort();
+                    }
+                    step = self.recover_learner().await? + 1;
+                    continue;
+                }
                 Err(LearnerFailure::Failed(e)) => return Err(e),
             };
             if report.already_applied {

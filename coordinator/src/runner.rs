@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tokio::sync::{Mutex, mpsc, watch};
 
 use crate::controller::{Controller, Event, Gang, Outcome};
@@ -121,14 +121,20 @@ async fn drive(
         }
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
-    let mut controller = Controller::new(
-        job.clone(),
-        record.id.clone(),
-        gang.endpoints,
-        events_tx,
-        options.stop,
-        gang.supervisor,
-    )?;
+    // Reads the prompt files: off the async threads, which also renew the coordinator's lease.
+    let (spec, id) = (job.clone(), record.id.clone());
+    let mut controller = tokio::task::spawn_blocking(move || {
+        Controller::new(
+            spec,
+            id,
+            gang.endpoints,
+            events_tx,
+            options.stop,
+            gang.supervisor,
+        )
+    })
+    .await
+    .context("loading the job's prompts")??;
     let run = tokio::spawn(async move { controller.run().await });
     while let Some(event) = events.recv().await {
         publish.publish(event, record).await;
@@ -148,8 +154,7 @@ pub struct JobFile {
 
 impl JobFile {
     /// The record of `rlhf run` in `out`: a new one, or with `resume` the interrupted run's
-    /// (a finished one starts a new record, keeping its spec). A finished job is not run again
-    /// without `resume`.
+    /// (a finished one starts a new record, keeping its spec).
     pub fn open(
         out: &Path,
         job: &JobSpec,
@@ -180,16 +185,6 @@ impl JobFile {
                 record
             }
         } else {
-            if let Ok(text) = std::fs::read_to_string(&path)
-                && let Ok(previous) = serde_json::from_str::<JobRecord>(&text)
-                && previous.state.is_terminal()
-            {
-                bail!(
-                    "{} holds a finished job ({}); use another --out or --resume",
-                    out.display(),
-                    previous.state.as_str()
-                );
-            }
             fresh(spec_toml)
         };
         let file = JobFile { path };
@@ -230,19 +225,19 @@ mod tests {
     }
 
     #[test]
-    fn a_finished_job_file_is_not_reused_without_resume() {
+    fn a_finished_record_starts_afresh_keeping_its_spec() {
         let dir = tempfile::tempdir().unwrap();
         let (_, mut record) = open(dir.path(), "x", false).unwrap();
         record.transition(JobState::Cancelled, "test").unwrap();
         JobFile::mirror(dir.path()).unwrap().save(&record).unwrap();
-        let err = open(dir.path(), "x", false).err().unwrap();
-        assert!(
-            err.to_string().contains("finished job (cancelled)"),
-            "{err}"
-        );
         let (_, again) = open(dir.path(), "y", true).unwrap();
         assert_eq!(again.state, JobState::Queued);
         assert_eq!(again.spec_toml, "x", "a resumed record keeps its spec");
+        let (_, fresh) = open(dir.path(), "y", false).unwrap();
+        assert_eq!(
+            (fresh.state, fresh.spec_toml.as_str()),
+            (JobState::Queued, "y")
+        );
     }
 
     #[test]

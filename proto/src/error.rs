@@ -34,7 +34,7 @@ impl Failure {
     pub fn of(status: &Status) -> Failure {
         let from_transport = status.source().is_some();
         // tonic's own deadline may sit anywhere in the source chain.
-        if std::iter::successors(status.source(), |e| e.source())
+        if std::iter::successors(status.source(), |e| (*e).source())
             .any(|e| e.is::<tonic::TimeoutExpired>())
         {
             return Failure::TimedOut;

@@ -27,6 +27,25 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
+/// A binary's exit: success, or the error with its whole chain of causes on stderr (so the user
+/// sees the file or field at the root of the problem) and a failure code.
+pub fn exit_code<E>(result: Result<(), E>) -> std::process::ExitCode
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let Err(err) = result else {
+        return std::process::ExitCode::SUCCESS;
+    };
+    let err: Box<dyn std::error::Error + Send + Sync> = err.into();
+    eprintln!("error: {err}");
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        eprintln!("  caused by: {c}");
+        cause = c.source();
+    }
+    std::process::ExitCode::FAILURE
+}
+
 impl std::str::FromStr for LogFormat {
     type Err = String;
 

@@ -68,11 +68,13 @@ pub enum Finished {
 pub type Progress<'a> = &'a dyn Fn(&JobSpec) -> Option<Box<dyn Sink>>;
 
 /// Runs a pipeline file. The training stages run on this thread; the RL jobs on `runtime`.
-/// `stop` turning true stops the current RL job after a checkpoint.
+/// `stop` is asked for when the first RL job starts (so a front end can let Ctrl-C end the
+/// training stages at once, and stop an RL job after a checkpoint); its turning true stops the
+/// current RL job.
 pub fn run(
     args: &Options,
     runtime: &tokio::runtime::Handle,
-    stop: watch::Receiver<bool>,
+    stop: &dyn Fn() -> watch::Receiver<bool>,
     progress: Progress<'_>,
 ) -> Result<Finished> {
     let text = args.text.as_str();
@@ -165,7 +167,7 @@ pub fn run(
             let dir = job.output_dir();
             eprintln!("[rl {transform} seed {seed}] → {}", dir.display());
             let arm_started = Instant::now();
-            let outcome = runtime.block_on(rl_job(&job, stop.clone(), progress(&job)))?;
+            let outcome = runtime.block_on(rl_job(&job, stop(), progress(&job)))?;
             rl_seconds += arm_seconds(&dir, arm_started.elapsed().as_secs_f64())?;
             if let Outcome::Stopped { step } = outcome {
                 return Ok(Finished::Stopped {

@@ -55,17 +55,3 @@ pub fn serve_blocking(args: ServeArgs) -> anyhow::Result<()> {
         .await
     })
 }
-
-/// Prints an error with its causes and turns the result into an exit code.
-pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            for cause in err.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
-            }
-            std::process::ExitCode::FAILURE
-        }
-    }
-}

@@ -5,5 +5,5 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = rlhf_reward::cli::BinaryArgs::parse();
     rlhf_proto::logging::init_logging(args.log_format);
-    rlhf_reward::cli::exit_code(rlhf_reward::cli::serve_blocking(args.serve))
+    rlhf_proto::logging::exit_code(rlhf_reward::cli::serve_blocking(args.serve))
 }

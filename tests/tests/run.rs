@@ -275,3 +275,74 @@ fn validate_lists_every_problem() {
         "{err}"
     );
 }
+
+/// `--log-format json` reaches the workers the launcher starts, and one step's calls carry the
+/// job and step from the controller through the learner (PublishWeights) to the actor
+/// (UpdateWeights) in their spans, with one trace id.
+#[test]
+fn worker_logs_are_json_and_carry_the_job_and_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), "traced", "");
+    let out = Command::new(bin("rlhf"))
+        .args([
+            "--log-format",
+            "json",
+            "run",
+            job.to_str().unwrap(),
+            "--quiet",
+        ])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let logs = tmp.path().join("run/logs");
+    // Every line every worker wrote is one JSON object: no plain text, no colour codes.
+    let lines = |name: &str| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(logs.join(name)).unwrap();
+        assert!(!text.contains('\u{1b}'), "{name} holds colour codes");
+        text.lines()
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {l}"))
+            })
+            .collect()
+    };
+    // The handler span a line was logged in: (rpc, job, step, trace).
+    let traced = |line: &serde_json::Value| -> Option<(String, String, u64, String)> {
+        let spans = line.get("spans")?.as_array()?;
+        let span = spans.iter().find(|s| s.get("rpc").is_some())?;
+        Some((
+            span["rpc"].as_str()?.to_string(),
+            span["job"].as_str()?.to_string(),
+            span["step"].as_u64()?,
+            span["trace"].as_str()?.to_string(),
+        ))
+    };
+    let actor: Vec<_> = lines("actor-0.log").iter().filter_map(traced).collect();
+    let learner: Vec<_> = lines("learner-0.log").iter().filter_map(traced).collect();
+    lines("reward-0.log");
+    let updates: Vec<_> = actor
+        .iter()
+        .filter(|(rpc, job, step, _)| {
+            rpc == "actor.update_weights" && job == "traced" && *step >= 1
+        })
+        .collect();
+    assert!(
+        !updates.is_empty(),
+        "no traced weight update in the actor's log: {actor:?}"
+    );
+    // The learner's PublishWeights of that step ran under the same trace.
+    for (_, _, step, trace) in &updates {
+        assert!(
+            learner
+                .iter()
+                .any(|(rpc, _, s, t)| rpc == "learner.publish_weights" && s == step && t == trace),
+            "step {step}: no learner line with trace {trace}: {learner:?}"
+        );
+    }
+}

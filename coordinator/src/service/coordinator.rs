@@ -257,7 +257,12 @@ impl Coordinator {
             self.release_leftovers(&running).await?;
         }
         let views: Vec<scheduler::JobView> = jobs.iter().map(StoredJob::view).collect();
-        let plan = scheduler::plan(&views, |id| running.contains_key(id), self.slots);
+        let plan = scheduler::plan(
+            &views,
+            |id| running.contains_key(id),
+            running.len(),
+            self.slots,
+        );
         for id in &plan.stop {
             if let Some(stop) = running.get(id) {
                 let _ = stop.send(true);
@@ -316,8 +321,21 @@ impl Coordinator {
             let me = self.clone();
             let id = job.record.id.clone();
             tokio::spawn(async move {
-                if let Err(e) = me.run(&id, resume, stop_rx, placed).await {
-                    tracing::warn!(id, "job bookkeeping failed: {e:#}");
+                // The job in a task of its own: a panic in it fails the job and frees its slot
+                // instead of holding the slot forever.
+                let job = {
+                    let (me, id) = (me.clone(), id.clone());
+                    tokio::spawn(async move { me.run(&id, resume, stop_rx, placed).await })
+                };
+                match job.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::warn!(id, "job bookkeeping failed: {e:#}"),
+                    Err(panic) => {
+                        let e = anyhow::anyhow!("the job's task ended unexpectedly: {panic}");
+                        if let Err(e) = me.finish(&id, Err(e)).await {
+                            tracing::warn!(id, "recording the job's end: {e:#}");
+                        }
+                    }
                 }
                 me.running.lock().await.remove(&id);
                 me.wake.notify_one();

@@ -97,18 +97,27 @@ impl Coordinator {
                 }
             }
         };
+        // What the runner needs; a failure here ends the job (it must not stay placing, or
+        // the next pass would take it for an orphan and try again at once, forever).
+        let prepared = rlhf_proto::process::self_exe()
+            .context("locating the rlhf binary")
+            .and_then(|exe| Ok((exe, JobFile::mirror(&job.output_dir)?)));
+        let (exe, file) = match prepared {
+            Ok(p) => p,
+            Err(e) => return self.finish(id, Err(e)).await,
+        };
         let options = RunOptions {
             resume,
             stop,
             gang,
-            exe: rlhf_proto::process::self_exe().context("locating the rlhf binary")?,
+            exe,
         };
         let sinks: Vec<Box<dyn Sink>> = vec![
             Box::new(StoreSink {
                 coordinator: self.clone(),
                 id: id.to_string(),
             }),
-            Box::new(JobFile::mirror(&job.output_dir)?),
+            Box::new(file),
         ];
         let (outcome, record) = crate::runner::run(&spec, job.record, options, sinks).await;
         if let Err(e) = &outcome {

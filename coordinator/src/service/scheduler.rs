@@ -44,12 +44,11 @@ pub struct Plan {
     pub slot_wait: Option<String>,
 }
 
-/// The plan of one pass. `running(id)`: whether this coordinator runs job `id`.
-pub fn plan(jobs: &[JobView], running: impl Fn(&str) -> bool, slots: usize) -> Plan {
+/// The plan of one pass. `running(id)`: whether this coordinator runs job `id`; `busy`: how
+/// many jobs it runs (each holds a slot, whether or not its record is still listed).
+pub fn plan(jobs: &[JobView], running: impl Fn(&str) -> bool, busy: usize, slots: usize) -> Plan {
     let mut plan = Plan::default();
-    let mut busy = 0;
     for job in jobs.iter().filter(|j| running(&j.id)) {
-        busy += 1;
         if job.cancel_requested && !job.state.is_terminal() {
             plan.stop.push(job.id.clone());
         }
@@ -109,7 +108,7 @@ mod tests {
             job("b", JobState::Queued, 5, 3.0),
             job("c", JobState::Queued, 0, 2.0),
         ];
-        let p = plan(&jobs, |_| false, 10);
+        let p = plan(&jobs, |_| false, 0, 10);
         assert_eq!(ids(&p), ["b", "a", "c"]);
         assert!(p.start.iter().all(|s| !s.resume));
         assert_eq!(p.slot_wait, None);
@@ -122,7 +121,7 @@ mod tests {
             job("o", JobState::Running, 0, 2.0),
             job("p", JobState::Calibrating, 0, 3.0),
         ];
-        let p = plan(&jobs, |_| false, 10);
+        let p = plan(&jobs, |_| false, 0, 10);
         assert_eq!(ids(&p), ["o", "p", "q"]);
         assert_eq!(
             p.start[0],
@@ -141,10 +140,10 @@ mod tests {
             job("a", JobState::Queued, 0, 1.0),
             job("b", JobState::Queued, 0, 2.0),
         ];
-        let p = plan(&jobs, |id| id == "r", 2);
+        let p = plan(&jobs, |id| id == "r", 1, 2);
         assert_eq!(ids(&p), ["a"]);
         assert_eq!(p.slot_wait.as_deref(), Some("b"));
-        let full = plan(&jobs, |id| id == "r", 1);
+        let full = plan(&jobs, |id| id == "r", 1, 1);
         assert!(full.start.is_empty());
         assert_eq!(full.slot_wait.as_deref(), Some("a"));
     }
@@ -158,10 +157,18 @@ mod tests {
         orphan.last_step = 4;
         let mut done = job("d", JobState::Succeeded, 0, 2.0);
         done.cancel_requested = true;
-        let p = plan(&[running, orphan, done], |id| id == "r", 4);
+        let p = plan(&[running, orphan, done], |id| id == "r", 1, 4);
         assert_eq!(p.stop, ["r"]);
         assert_eq!(p.cancel, [("o".to_string(), 4)]);
         assert!(p.start.is_empty(), "a cancelled orphan is not resumed");
+    }
+
+    #[test]
+    fn a_running_job_without_a_record_still_holds_its_slot() {
+        let jobs = [job("a", JobState::Queued, 0, 1.0)];
+        let p = plan(&jobs, |id| id == "gone", 1, 1);
+        assert!(p.start.is_empty());
+        assert_eq!(p.slot_wait.as_deref(), Some("a"));
     }
 
     #[test]
@@ -171,6 +178,6 @@ mod tests {
             job("f", JobState::Failed, 0, 1.0),
             job("c", JobState::Cancelled, 0, 2.0),
         ];
-        assert_eq!(plan(&jobs, |_| false, 1), Plan::default());
+        assert_eq!(plan(&jobs, |_| false, 0, 1), Plan::default());
     }
 }
