@@ -145,14 +145,15 @@ fn init(config: &Path, tokenizer_from: &Path, out: &Path, seed: u64) -> Result<(
         bail!("{} already holds a model", out.display());
     }
     let config = ModelConfig::from_path(config)?;
-    Model::init(&config, &device::inference_device()?, seed).save(
+    let options = rlhf_model::SaveOptions {
+        dtype: rlhf_model::DType::F32,
+        ..Default::default()
+    };
+    Model::init(&config, &device::inference_device()?, seed).save_with_tokenizer(
         out,
-        &rlhf_model::SaveOptions {
-            dtype: rlhf_model::DType::F32,
-            ..Default::default()
-        },
+        &options,
+        tokenizer_from,
     )?;
-    rlhf_model::tokenizer::copy_tokenizer_files(tokenizer_from, out)?;
     eprintln!(
         "{}: {:.1}M parameters, random weights (seed {seed})",
         out.display(),

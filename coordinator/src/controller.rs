@@ -265,9 +265,15 @@ impl Controller {
                 .await
             {
                 Ok(r) => r,
-                Err(LearnerFailure::Died(e)) => {
+                Err(failure) => {
+                    let e = match failure {
+                        LearnerFailure::Died(e) => e,
+                        // It answered with an error or not in time, and now does not answer.
+                        LearnerFailure::Failed(e) if !self.learners_alive().await => e,
+                        LearnerFailure::Failed(e) => return Err(e),
+                    };
                     self.emit(Event::Log(format!(
-                        "learner died in step {step}: {e}; replacing it"
+                        "learner died in step {step}: {e:#}; replacing it"
                     )));
                     if let Some(h) = prefetched.take() {
                         h.abort();
@@ -275,18 +281,6 @@ impl Controller {
                     step = self.recover_learner().await? + 1;
                     continue;
                 }
-                Err(LearnerFailure::Failed(e)) if !self.learners_alive().await => {
-                    // It answered with an error or not in time, and now does not answer at all.
-                    self.emit(Event::Log(format!(
-                        "learner stopped answering in step {step} ({e:#}); replacing it"
-                    )));
-                    if let Some(h) = prefetched.take() {
-                        h.abort();
-                    }
-                    step = self.recover_learner().await? + 1;
-                    continue;
-                }
-                Err(LearnerFailure::Failed(e)) => return Err(e),
             };
             if report.already_applied {
                 self.emit(Event::Log(format!(

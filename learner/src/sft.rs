@@ -242,16 +242,13 @@ pub fn train_sft(opts: &SftOptions) -> Result<Vec<SftEpoch>> {
         report.push(e);
     }
     bar.finish_and_clear();
+    let options = SaveOptions {
+        dtype,
+        ..Default::default()
+    };
     model
         .valid()
-        .save(
-            &opts.out,
-            &SaveOptions {
-                dtype,
-                ..Default::default()
-            },
-        )
+        .save_with_tokenizer(&opts.out, &options, &opts.model)
         .with_context(|| format!("saving {}", opts.out.display()))?;
-    rlhf_model::tokenizer::copy_tokenizer_files(&opts.model, &opts.out)?;
     Ok(report)
 }

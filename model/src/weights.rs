@@ -503,6 +503,18 @@ impl Model {
         let path = dir.join("config.json");
         std::fs::write(&path, config).map_err(|e| ModelError::io(&path, e))
     }
+
+    /// [`Model::save`] plus the tokenizer files of the folder `tokenizer_from`: a model folder
+    /// that loads on its own.
+    pub fn save_with_tokenizer(
+        &self,
+        dir: &Path,
+        options: &SaveOptions,
+        tokenizer_from: &Path,
+    ) -> Result<()> {
+        self.save(dir, options)?;
+        crate::tokenizer::copy_tokenizer_files(tokenizer_from, dir)
+    }
 }
 
 /// Writes named tensors to one safetensors file (optimizer state, value heads, anything keyed by

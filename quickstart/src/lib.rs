@@ -248,14 +248,15 @@ fn init_model(spec: &PipelineSpec, layout: &Layout, vocab: usize) -> Result<u64>
         pad_token_id: id(tokenizer::PAD)?,
     });
     let dir = layout.model("init");
-    Model::init(&config, &device::inference_device()?, spec.seed).save(
+    let options = SaveOptions {
+        dtype: DType::F32,
+        ..Default::default()
+    };
+    Model::init(&config, &device::inference_device()?, spec.seed).save_with_tokenizer(
         &dir,
-        &SaveOptions {
-            dtype: DType::F32,
-            ..Default::default()
-        },
+        &options,
+        &layout.model("tokenizer"),
     )?;
-    rlhf_model::tokenizer::copy_tokenizer_files(&layout.model("tokenizer"), &dir)?;
     Ok(config.num_parameters() as u64)
 }
 

@@ -313,17 +313,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
     bar.finish_and_clear();
 
-    let model = model.valid();
+    let options = SaveOptions {
+        dtype,
+        ..Default::default()
+    };
     model
-        .save(
-            &opts.out,
-            &SaveOptions {
-                dtype,
-                ..Default::default()
-            },
-        )
+        .valid()
+        .save_with_tokenizer(&opts.out, &options, &opts.base)
         .with_context(|| format!("saving {}", opts.out.display()))?;
-    rlhf_model::tokenizer::copy_tokenizer_files(&opts.base, &opts.out)?;
     let summary = serde_json::to_string_pretty(&json!(report)).expect("the report serialises");
     std::fs::write(opts.out.join("train_report.json"), summary)
         .with_context(|| format!("writing {}", opts.out.join("train_report.json").display()))?;
