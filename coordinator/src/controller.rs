@@ -209,7 +209,8 @@ impl Controller {
                 JobState::Calibrating,
                 "estimating r_ref from the reference policy",
             );
-            self.calibrate().await.context("calibration")?;
+            let trace = TraceContext::new(&self.job_id, 0);
+            trace.scope(self.calibrate()).await.context("calibration")?;
         }
         self.state(JobState::Running, format!("from step {start}"));
         let total = self.job.rollout.steps;
@@ -328,7 +329,8 @@ impl Controller {
             if !self.eval_prompts.is_empty()
                 && ((every > 0 && step.is_multiple_of(every)) || step == total)
             {
-                metrics.extend(self.evaluate(step).await?);
+                let trace = TraceContext::new(&self.job_id, step);
+                metrics.extend(trace.scope(self.evaluate(step)).await?);
             }
             if self.job.learner.checkpoint.every_steps == 0 && step == total {
                 self.save_checkpoint().await?;
@@ -527,7 +529,8 @@ impl Controller {
         self.version = info.weight_version;
         self.sync_weights(self.version).await?;
         if self.job.needs_reference_rewards() {
-            self.calibrate().await?;
+            let trace = TraceContext::new(&self.job_id, 0);
+            trace.scope(self.calibrate()).await?;
         }
         // Steps after the checkpoint are trained again: drop their old metric lines.
         truncate_metrics(&self.out.join("metrics.jsonl"), info.step)?;
