@@ -415,8 +415,9 @@ impl v1::learner_service_server::LearnerService for RecordingLearner {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn completions_are_scored_and_pushed_as_they_finish() {
+/// A reward server (length reward) and a recording learner on one port: its address and what
+/// the learner received.
+async fn reward_and_learner() -> (std::net::SocketAddr, Arc<Mutex<Vec<v1::Trajectory>>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let learner = RecordingLearner::default();
@@ -431,6 +432,12 @@ async fn completions_are_scored_and_pushed_as_they_finish() {
             ))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+    (addr, recorded)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn completions_are_scored_and_pushed_as_they_finish() {
+    let (addr, recorded) = reward_and_learner().await;
     let actor = start(&[]);
     let mut c = client(&actor).await;
     let mut r = request(
@@ -473,20 +480,7 @@ async fn completions_are_scored_and_pushed_as_they_finish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn summaries_only_streams_counts_and_rewards_without_the_bulk() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let learner = RecordingLearner::default();
-    let recorded = learner.got.clone();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(v1::reward_service_server::RewardServiceServer::new(
-                LengthReward,
-            ))
-            .add_service(v1::learner_service_server::LearnerServiceServer::new(
-                learner,
-            ))
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (addr, recorded) = reward_and_learner().await;
     let actor = start(&[]);
     let mut c = client(&actor).await;
     // Stop early sometimes (EOS allowed) so the counts differ between samples.

@@ -101,7 +101,7 @@ pub fn run(w: WorkerArgs) -> Result<()> {
         }
         let node = match &w.node {
             Some(node) => node.clone(),
-            None => rlhf_worker::host_name(),
+            None => rlhf_proto::process::host_name(),
         };
         let register = rlhf_proto::v1::RegisterWorkerRequest {
             role: w.role.as_str().into(),

@@ -15,7 +15,7 @@ use tokio::sync::Mutex;
 use crate::controller::{Endpoints, Supervisor};
 use crate::job::JobSpec;
 
-pub use rlhf_proto::process::{READY_TIMEOUT as READY, free_ports, worker_process};
+use rlhf_proto::process::{READY_TIMEOUT, free_ports, worker_process};
 
 /// A job's running workers.
 pub struct LocalCluster {
@@ -225,7 +225,7 @@ fn spawn(exe: &Path, out: &Path, command: &WorkerCommand) -> Result<ServiceProce
     // stops the workers itself), not the workers directly.
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    ServiceProcess::spawn(cmd, READY)
+    ServiceProcess::spawn(cmd, READY_TIMEOUT)
         .with_context(|| format!("starting {} (log: {})", command.name(), log_path.display()))
 }
 

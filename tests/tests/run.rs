@@ -7,14 +7,18 @@ use std::time::Duration;
 
 use rlhf_tests::*;
 
-fn rlhf(args: &[&str]) -> Child {
-    Command::new(bin("rlhf"))
+fn rlhf_command(args: &[&str]) -> Command {
+    let mut command = Command::new(bin("rlhf"));
+    command
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("rlhf starts")
+        .stderr(Stdio::piped());
+    command
+}
+
+fn rlhf(args: &[&str]) -> Child {
+    rlhf_command(args).spawn().expect("rlhf starts")
 }
 
 fn finish(child: Child) -> (bool, String) {
@@ -283,24 +287,18 @@ fn validate_lists_every_problem() {
 fn worker_logs_are_json_and_carry_the_job_and_step() {
     let tmp = tempfile::tempdir().unwrap();
     let job = tiny_job(tmp.path(), "traced", "");
-    let out = Command::new(bin("rlhf"))
-        .args([
-            "--log-format",
-            "json",
-            "run",
-            job.to_str().unwrap(),
-            "--quiet",
-        ])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let run = rlhf_command(&[
+        "--log-format",
+        "json",
+        "run",
+        job.to_str().unwrap(),
+        "--quiet",
+    ])
+    .env("RUST_LOG", "info")
+    .spawn()
+    .expect("rlhf starts");
+    let (ok, err) = finish(run);
+    assert!(ok, "{err}");
     let logs = tmp.path().join("run/logs");
     // Every line every worker wrote is one JSON object: no plain text, no colour codes.
     let lines = |name: &str| -> Vec<serde_json::Value> {

@@ -17,10 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use rlhf_proto::client::{Timeouts, WorkersClient};
 use rlhf_proto::process::assignment_state as state;
-use rlhf_proto::process::{READY_TIMEOUT as READY, ServiceProcess, free_ports, worker_process};
+use rlhf_proto::process::{READY_TIMEOUT, ServiceProcess, free_ports, worker_process};
 use rlhf_proto::v1;
-
-pub use rlhf_proto::process::host_name;
 
 /// The IP address of `host` (services bind to an IP; an IPv4 one is preferred).
 pub fn resolve(host: &str) -> Result<String> {
@@ -320,7 +318,7 @@ fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Laun
                     let started = |pid| {
                         slot.lock().expect("not poisoned").status.pid = pid;
                     };
-                    ServiceProcess::spawn_with(cmd, READY, started)
+                    ServiceProcess::spawn_with(cmd, READY_TIMEOUT, started)
                 });
             let mut slot = slot.lock().expect("not poisoned");
             match started {

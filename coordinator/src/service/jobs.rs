@@ -70,7 +70,7 @@ impl Coordinator {
                 let ready = self.pool.clone().gang(
                     p.commands.clone(),
                     p.placements.clone(),
-                    crate::launcher::READY,
+                    rlhf_proto::process::READY_TIMEOUT,
                 );
                 let mut cancel = stop.clone();
                 let ready = tokio::select! {
