@@ -22,7 +22,8 @@ pub struct ValidPrompt {
 /// Where completions are scored, and how long one Score call may take.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RewardTarget {
-    pub address: String,
+    /// Reward server replicas.
+    pub addresses: Vec<String>,
     pub timeout: Duration,
 }
 
@@ -69,8 +70,8 @@ impl ValidGenerate {
                 Ok(ValidPrompt { input, ids })
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        let reward = (!r.reward_address.is_empty()).then(|| RewardTarget {
-            address: r.reward_address,
+        let reward = (!r.reward_addresses.is_empty()).then(|| RewardTarget {
+            addresses: r.reward_addresses,
             timeout: score_timeout(r.reward_timeout_seconds),
         });
         Ok(ValidGenerate {

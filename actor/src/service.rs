@@ -68,7 +68,7 @@ impl Actor {
         let request = ValidGenerate::new(r, &self.tokenizer, &self.config)?;
         let scorer = match &request.reward {
             Some(target) => Some(Scorer {
-                client: self.peers.reward(&target.address)?,
+                client: self.peers.reward(&target.addresses[0])?,
                 timeout: target.timeout,
             }),
             None => None,

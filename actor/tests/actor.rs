@@ -62,7 +62,7 @@ fn request(prompts: Vec<v1::PromptInput>, s: v1::SamplingParams) -> v1::Generate
         prompts,
         sampling: Some(s),
         min_weight_version: 0,
-        reward_address: String::new(),
+        reward_addresses: vec![],
         learner_addresses: vec![],
         reward_timeout_seconds: 0.0,
         summaries_only: false,
@@ -444,7 +444,7 @@ async fn completions_are_scored_and_pushed_as_they_finish() {
         vec![text_prompt("a", "Hello"), text_prompt("b", "World")],
         sampling(3, 1.0, 10, 5),
     );
-    r.reward_address = format!("http://{addr}");
+    r.reward_addresses = vec![format!("http://{addr}")];
     r.learner_addresses = vec![format!("http://{addr}")];
     let out = collect(&mut c, r).await.unwrap();
     assert_eq!(out.len(), 6);
@@ -470,7 +470,7 @@ async fn completions_are_scored_and_pushed_as_they_finish() {
 
     // An unreachable reward server fails the request after retries, it does not hang.
     let mut r = request(vec![text_prompt("a", "Hello")], sampling(1, 1.0, 4, 5));
-    r.reward_address = "http://127.0.0.1:9".into();
+    r.reward_addresses = vec!["http://127.0.0.1:9".into()];
     let started = Instant::now();
     let err = collect(&mut c, r).await.unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -490,7 +490,7 @@ async fn summaries_only_streams_counts_and_rewards_without_the_bulk() {
         vec![text_prompt("a", "Hello"), text_prompt("b", "World")],
         s,
     );
-    r.reward_address = format!("http://{addr}");
+    r.reward_addresses = vec![format!("http://{addr}")];
     let full = collect(&mut c, r.clone()).await.unwrap();
 
     r.summaries_only = true;

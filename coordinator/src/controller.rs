@@ -59,7 +59,8 @@ pub struct Endpoints {
     pub actors: Vec<String>,
     /// In rank order; rank 0 serves weights and checkpoints.
     pub learners: Vec<String>,
-    pub reward: String,
+    /// Reward server replicas; actors spread their scoring over them.
+    pub rewards: Vec<String>,
 }
 
 /// Replaces workers that died.
@@ -383,7 +384,7 @@ impl Controller {
     async fn save_checkpoint(&self) -> Result<()> {
         let mut c = learner_client(&self.endpoints.learners[0], self.timeout())?;
         let info = c
-            .save_checkpoint(v1::SaveCheckpointRequest {})
+            .save_checkpoint(v1::SaveCheckpointRequest::default())
             .await
             .context("SaveCheckpoint")?
             .into_inner();
@@ -402,7 +403,7 @@ impl Controller {
             prompts: self.prompts.clone(),
             actors: self.endpoints.actors.clone(),
             learners: self.endpoints.learners.clone(),
-            reward: self.endpoints.reward.clone(),
+            rewards: self.endpoints.rewards.clone(),
             events: self.events.clone(),
         }
     }
@@ -498,6 +499,7 @@ impl Controller {
             expected_samples: expected,
             timeout_seconds: self.job.rollout.step_timeout_seconds,
             data_cursor: step,
+            last_round: true,
         };
         let calls = self.endpoints.learners.iter().map(|address| async move {
             let mut c = learner_client(address, self.timeout()).map_err(LearnerFailure::Failed)?;
@@ -591,6 +593,7 @@ impl Controller {
                 chunk_bytes: WEIGHT_CHUNK_BYTES,
                 timeout_seconds: self.job.rollout.step_timeout_seconds,
                 actor_addresses: actors.to_vec(),
+                reference: false,
             })
             .await
             .context("PublishWeights")?
@@ -723,7 +726,7 @@ pub struct Generator {
     prompts: Vec<Prompt>,
     actors: Vec<String>,
     learners: Vec<String>,
-    reward: String,
+    rewards: Vec<String>,
     events: mpsc::UnboundedSender<Event>,
 }
 
@@ -842,7 +845,7 @@ impl Generator {
                     prompts: shard.iter().map(Prompt::to_proto).collect(),
                     sampling: Some(sampling.clone()),
                     min_weight_version: min_version,
-                    reward_address: self.reward.clone(),
+                    reward_addresses: self.rewards.clone(),
                     reward_timeout_seconds: self.job.rewards.timeout_seconds,
                     learner_addresses: if push_step.is_some() {
                         self.learners.clone()

@@ -192,7 +192,7 @@ impl LocalCluster {
         Endpoints {
             actors: self.actors.iter().map(ServiceProcess::url).collect(),
             learners: self.learners.iter().map(ServiceProcess::url).collect(),
-            reward: self.reward.url(),
+            rewards: vec![self.reward.url()],
         }
     }
 

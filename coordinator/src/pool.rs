@@ -694,7 +694,7 @@ impl Pool {
         let mut endpoints = Endpoints::default();
         for (p, url) in placements.iter().zip(urls) {
             match p.spec.role.as_str() {
-                "reward" => endpoints.reward = url,
+                "reward" => endpoints.rewards.push(url),
                 "learner" => endpoints.learners.push(url),
                 _ => endpoints.actors.push(url),
             }

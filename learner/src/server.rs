@@ -411,6 +411,7 @@ impl Learner {
             tokens: outcome.tokens,
             seconds: outcome.seconds,
             already_applied: outcome.already_applied,
+            missing_groups: 0,
         })
     }
 }
@@ -553,6 +554,7 @@ impl LearnerService for Learner {
                 path: path.display().to_string(),
                 step,
                 weight_version: version,
+                policy_dir: String::new(),
             }))
         })
         .await

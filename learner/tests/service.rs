@@ -79,6 +79,7 @@ async fn push_step_stream_checkpoint_restore() {
             expected_samples: 17,
             timeout_seconds: 0.5,
             data_cursor: 0,
+            last_round: true,
         })
         .await
         .unwrap_err();
@@ -91,6 +92,7 @@ async fn push_step_stream_checkpoint_restore() {
             expected_samples: 16,
             timeout_seconds: 30.0,
             data_cursor: 7,
+            last_round: true,
         })
         .await
         .unwrap()
@@ -126,7 +128,7 @@ async fn push_step_stream_checkpoint_restore() {
 
     // A checkpoint, then a restart that restores it.
     let ckpt = client
-        .save_checkpoint(v1::SaveCheckpointRequest {})
+        .save_checkpoint(v1::SaveCheckpointRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -162,6 +164,7 @@ async fn push_step_stream_checkpoint_restore() {
             expected_samples: 16,
             timeout_seconds: 10.0,
             data_cursor: 7,
+            last_round: true,
         })
         .await
         .unwrap()
@@ -263,6 +266,7 @@ async fn publish_weights_reaches_live_actors_and_reports_dead_and_stalled_ones()
         chunk_bytes: 4096,
         timeout_seconds: timeout,
         actor_addresses: addresses,
+        reference: false,
     };
     let started = Instant::now();
     let reply = client

@@ -24,6 +24,16 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Sen
 
 #[tonic::async_trait]
 impl JobService for JobApi {
+    type LogsStream = Pin<Box<dyn Stream<Item = Result<v1::LogLine, Status>> + Send>>;
+
+    // Placeholder until the log service lands in this same change.
+    async fn logs(
+        &self,
+        _request: Request<v1::LogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        Err(Status::unimplemented("Logs"))
+    }
+
     #[tracing::instrument(skip_all, name = "jobs.submit")]
     async fn submit(
         &self,
