@@ -66,11 +66,14 @@ pub struct Endpoints {
 /// Replaces workers that died.
 #[tonic::async_trait]
 pub trait Supervisor: Send + Sync {
-    /// A fresh learner for `rank` that restored the latest checkpoint (or the address of the old
-    /// one, if it is back); an error when none can be had.
-    async fn replace_learner(&self, rank: usize) -> Result<String>;
+    /// Fresh learner ranks (all of them: a data-parallel ring is relaunched whole) that restored
+    /// the latest checkpoint, in rank order; an error when they cannot be had.
+    async fn replace_learners(&self) -> Result<Vec<String>>;
     /// Addresses of actors that joined since the last call (replacements).
     async fn new_actors(&self) -> Vec<String>;
+    /// The reward server replicas serving now, dead ones restarted (waiting for them up to the
+    /// launcher's ready timeout); `None` when nothing changed since the last call.
+    async fn rewards(&self) -> Result<Option<Vec<String>>>;
 }
 
 /// A job's running workers and who replaces them when they die.
@@ -84,11 +87,14 @@ pub struct NoSupervisor;
 
 #[tonic::async_trait]
 impl Supervisor for NoSupervisor {
-    async fn replace_learner(&self, rank: usize) -> Result<String> {
-        bail!("learner rank {rank} died and this launcher cannot replace it")
+    async fn replace_learners(&self) -> Result<Vec<String>> {
+        bail!("a learner died and this launcher cannot replace it")
     }
     async fn new_actors(&self) -> Vec<String> {
         Vec::new()
+    }
+    async fn rewards(&self) -> Result<Option<Vec<String>>> {
+        Ok(None)
     }
 }
 
@@ -523,10 +529,7 @@ impl Controller {
     /// Replaces the dead learner(s); returns the step they restored.
     async fn recover_learner(&mut self) -> Result<u64> {
         self.state(JobState::Running, "paused: replacing the learner");
-        for rank in 0..self.endpoints.learners.len() {
-            let address = self.supervisor.replace_learner(rank).await?;
-            self.endpoints.learners[rank] = address;
-        }
+        self.endpoints.learners = self.supervisor.replace_learners().await?;
         let info = self.learner_info().await?;
         self.version = info.weight_version;
         self.sync_weights(self.version).await?;

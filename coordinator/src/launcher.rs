@@ -234,12 +234,18 @@ pub struct LocalSupervisor(pub Arc<Mutex<LocalCluster>>);
 
 #[tonic::async_trait]
 impl Supervisor for LocalSupervisor {
-    async fn replace_learner(&self, rank: usize) -> Result<String> {
+    async fn replace_learners(&self) -> Result<Vec<String>> {
         let cluster = self.0.clone();
-        tokio::task::spawn_blocking(move || cluster.blocking_lock().relaunch_learner(rank)).await?
+        tokio::task::spawn_blocking(move || cluster.blocking_lock().relaunch_learner(0))
+            .await?
+            .map(|a| vec![a])
     }
 
     async fn new_actors(&self) -> Vec<String> {
         Vec::new()
+    }
+
+    async fn rewards(&self) -> Result<Option<Vec<String>>> {
+        Ok(None)
     }
 }

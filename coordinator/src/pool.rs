@@ -728,7 +728,8 @@ pub struct PoolSupervisor {
 
 #[tonic::async_trait]
 impl Supervisor for PoolSupervisor {
-    async fn replace_learner(&self, rank: usize) -> Result<String> {
+    async fn replace_learners(&self) -> Result<Vec<String>> {
+        let rank = 0;
         if self.commands.iter().filter(|c| c.role == "learner").count() > 1 {
             bail!(
                 "learner rank {rank} died; one rank of a data-parallel ring cannot be replaced alone (the checkpoints are in the job's output folder: `rlhf run JOB --resume` continues from them)"
@@ -745,7 +746,14 @@ impl Supervisor for PoolSupervisor {
             .iter_mut()
             .find(|p| p.spec.role == "learner" && p.spec.index as usize == rank)
             .with_context(|| format!("learner rank {rank} was never placed"))?;
-        self.pool.restart(p, &command.args, self.timeout).await
+        self.pool
+            .restart(p, &command.args, self.timeout)
+            .await
+            .map(|a| vec![a])
+    }
+
+    async fn rewards(&self) -> Result<Option<Vec<String>>> {
+        Ok(None)
     }
 
     async fn new_actors(&self) -> Vec<String> {
