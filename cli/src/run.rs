@@ -55,11 +55,22 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let outcome = runtime.block_on(run_job(&job, text, args.resume, args.quiet, stop))?;
     match outcome {
-        Outcome::Succeeded => eprintln!(
-            "job {} succeeded; metrics in {}",
-            job.name,
-            job.output_dir().join("metrics.jsonl").display()
-        ),
+        Outcome::Succeeded => {
+            let out = job.output_dir();
+            eprintln!(
+                "job {} succeeded; metrics in {}",
+                job.name,
+                out.join("metrics.jsonl").display()
+            );
+            // The controller exports the trained policy there with the last checkpoint.
+            let policy = out.join("policy");
+            if policy.join("config.json").is_file() {
+                eprintln!(
+                    "trained policy (a Hugging Face model folder): {}",
+                    policy.display()
+                );
+            }
+        }
         Outcome::Stopped { step } => eprintln!(
             "stopped after step {step}; `rlhf run {} --resume` continues",
             args.job.display()

@@ -7,14 +7,30 @@
 //! stays small whatever the model size. Every call of one step carries that step's trace
 //! context ([`rlhf_proto::trace`]).
 //!
+//! Pipelining: in `async` mode the generation of up to `max_staleness` later steps runs while the
+//! learner trains, each started with the weights the actors have then, so a step's samples are at
+//! most `max_staleness` versions behind the weights it is trained from (the learner reports
+//! `rollout/staleness`). Under GRPO dynamic sampling (DAPO) a step the learner finds short of
+//! informative groups gets further generation rounds (up to `rollout.max_generation_rounds`);
+//! the learner carries surplus groups to the next step.
+//!
+//! Calibration: r_ref comes from the reference policy; when `[policy] reference` is not the
+//! policy's starting point, learner rank 0 publishes the reference's weights to the actors for
+//! the calibration pass and the policy's afterwards. Prompt ids are unique within a step (a
+//! prompt that comes twice is `id#k`); the learners get r_ref under the renamed ids too.
+//!
 //! Failures: an actor that stops answering has its unfinished prompts re-sent to the other
 //! actors (sample seeds depend only on (seed, prompt, sample), so the redone samples are the
-//! same); a learner that dies is replaced through the [`Supervisor`] and restored from its last
-//! checkpoint, and the job resumes after the checkpointed step (no step is applied twice); a
-//! reward server that fails makes the actors retry with backoff and then fail the step, and the
-//! job fails with that reason instead of hanging.
+//! same); a learner that dies is replaced through the [`Supervisor`] (a data-parallel ring as a
+//! whole) and restored from its last checkpoint, and the job resumes after the checkpointed step
+//! (no step is applied twice; steps trained again are named in the log and the job's state);
+//! a reward server that fails makes the actors retry with backoff on the other replicas, and
+//! when the step still fails the supervisor restarts dead replicas and the step is generated
+//! again (at most [`MAX_REGENERATIONS`] times), else the job fails with that reason instead of
+//! hanging. The last step is checkpointed and the trained policy exported as a Hugging Face
+//! folder at `<output_dir>/policy`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -25,9 +41,10 @@ use rlhf_proto::trace::Context as TraceContext;
 use rlhf_proto::v1;
 use tokio::sync::{mpsc, watch};
 
-use crate::data::{Prompt, load_prompts, step_prompts};
+use crate::data::{Prompt, load_prompts, round_prompts};
 use crate::job::{JobSpec, RolloutMode};
 use crate::state::JobState;
+use rlhf_learner::config::Algorithm;
 
 /// What the controller reports while it runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +138,21 @@ pub struct Controller {
     stop: watch::Receiver<bool>,
     supervisor: Box<dyn Supervisor>,
     version: u64,
+    /// r_ref per prompt id, once calibrated.
+    reference: BTreeMap<String, Vec<f32>>,
+}
+
+/// A step whose generation runs.
+type InFlight = (u64, tokio::task::JoinHandle<Result<Rollouts>>);
+
+/// How often one step is generated again after its scoring failed and reward servers were
+/// restarted.
+const MAX_REGENERATIONS: u32 = 3;
+
+fn abort_all(inflight: &mut VecDeque<InFlight>) {
+    for (_, handle) in inflight.drain(..) {
+        handle.abort();
+    }
 }
 
 /// The size of one weight chunk on the wire (many per tensor of a large model).
@@ -172,6 +204,7 @@ impl Controller {
             stop,
             supervisor,
             version: 0,
+            reference: BTreeMap::new(),
         })
     }
 
@@ -205,8 +238,15 @@ impl Controller {
                 info.step, info.weight_version
             )));
         }
-        // Lines of steps after the learner's state (a crash after the last checkpoint) go.
-        truncate_metrics(&self.out.join("metrics.jsonl"), info.step)?;
+        // Lines of steps after the learner's state (a crash after the last checkpoint) go, and
+        // the user is told which finished steps are trained again.
+        let metrics_path = self.out.join("metrics.jsonl");
+        let redone = redone_steps(last_recorded_step(&metrics_path), info.step);
+        if let Some(note) = &redone {
+            self.emit(Event::Log(note.clone()));
+        }
+        truncate_metrics(&metrics_path, info.step)?;
+        self.refresh_workers().await?;
         // Actors start from the policy folder; after a resume they need the learner's weights.
         if self.version > 0 {
             self.sync_weights(self.version).await?;
@@ -219,59 +259,62 @@ impl Controller {
             let trace = TraceContext::new(&self.job_id, 0);
             trace.scope(self.calibrate()).await.context("calibration")?;
         }
-        self.state(JobState::Running, format!("from step {start}"));
+        let from = match redone {
+            Some(note) => format!("from step {start} ({note})"),
+            None => format!("from step {start}"),
+        };
+        self.state(JobState::Running, from);
         let total = self.job.rollout.steps;
         let mut metrics_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.out.join("metrics.jsonl"))
+            .open(&metrics_path)
             .context("opening metrics.jsonl")?;
         let mut step = start;
-        let mut prefetched: Option<tokio::task::JoinHandle<Result<Rollouts>>> = None;
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let mut regenerations = 0;
         while step <= total {
             if self.stop_requested() {
+                abort_all(&mut inflight);
                 return self.checkpoint_and_stop(step - 1).await;
             }
             let started = Instant::now();
-            let generated = match prefetched.take() {
-                Some(handle) => handle.await.map_err(|e| anyhow!("generation task: {e}"))?,
-                None => {
-                    let trace = TraceContext::new(&self.job_id, step);
-                    trace.scope(self.generate_step(step, self.version)).await
-                }
-            };
-            let rollouts = match generated {
+            self.refresh_workers().await?;
+            self.launch_generation(&mut inflight, step, total);
+            let (launched, handle) = inflight.pop_front().expect("the step's generation");
+            debug_assert_eq!(launched, step);
+            let generated = handle.await.map_err(|e| anyhow!("generation task: {e}"))?;
+            let mut rollouts = match generated {
                 Ok(r) => r,
-                Err(e)
-                    if e.downcast_ref::<DownstreamError>().is_some()
-                        && !self.learners_alive().await =>
-                {
-                    // The actors could not push: the learner is gone.
-                    self.emit(Event::Log(format!(
-                        "learner died during step {step} ({e}); replacing it"
-                    )));
-                    step = self.recover_learner().await? + 1;
-                    continue;
+                Err(e) if e.downcast_ref::<DownstreamError>().is_some() => {
+                    abort_all(&mut inflight);
+                    if !self.learners_alive().await {
+                        // The actors could not push: the learner is gone.
+                        self.emit(Event::Log(format!(
+                            "learner died during step {step} ({e}); replacing it"
+                        )));
+                        step = self.recover_learner().await? + 1;
+                        continue;
+                    }
+                    // Scoring failed: a restarted reward replica makes the step worth redoing
+                    // (the samples are seeded, so the redone ones are the same).
+                    if regenerations < MAX_REGENERATIONS
+                        && let Some(rewards) = self.supervisor.rewards().await?
+                    {
+                        regenerations += 1;
+                        self.emit(Event::Log(format!(
+                            "step {step}: {e}; reward servers now {rewards:?}, generating the step again"
+                        )));
+                        self.endpoints.rewards = rewards;
+                        continue;
+                    }
+                    return Err(e);
                 }
                 Err(e) => return Err(e),
             };
-            if self.job.rollout.mode == RolloutMode::Async && step < total {
-                // Generate the next step with the current weights while the learner trains.
-                let generator = self.generator();
-                let next = step + 1;
-                let version = self.version;
-                let trace = TraceContext::new(&self.job_id, next);
-                prefetched =
-                    Some(tokio::spawn(trace.scope(async move {
-                        generator.generate_step(next, version).await
-                    })));
-            }
+            self.drop_actors(&rollouts.dead_actors);
             let trace = TraceContext::new(&self.job_id, step);
-            let report = match trace
-                .clone()
-                .scope(self.learner_step(step, rollouts.samples))
-                .await
-            {
+            let report = match trace.clone().scope(self.train(step, &mut rollouts)).await {
                 Ok(r) => r,
                 Err(failure) => {
                     let e = match failure {
@@ -283,13 +326,12 @@ impl Controller {
                     self.emit(Event::Log(format!(
                         "learner died in step {step}: {e:#}; replacing it"
                     )));
-                    if let Some(h) = prefetched.take() {
-                        h.abort();
-                    }
+                    abort_all(&mut inflight);
                     step = self.recover_learner().await? + 1;
                     continue;
                 }
             };
+            regenerations = 0;
             if report.already_applied {
                 self.emit(Event::Log(format!(
                     "step {step} was already applied; skipping"
@@ -307,9 +349,7 @@ impl Controller {
                 self.emit(Event::Log(format!(
                     "learner died while its weights were synced after step {step} ({e:#}); replacing it"
                 )));
-                if let Some(h) = prefetched.take() {
-                    h.abort();
-                }
+                abort_all(&mut inflight);
                 // The replacement syncs the actors itself.
                 let restored = self.recover_learner().await?;
                 if restored < step {
@@ -320,15 +360,7 @@ impl Controller {
             }
             let sync_seconds = t.elapsed().as_secs_f64();
             let mut metrics: BTreeMap<String, f64> = report.metrics.into_iter().collect();
-            metrics.insert("rollout/generate_s".into(), rollouts.seconds);
-            metrics.insert(
-                "rollout/tokens_per_s".into(),
-                rollouts.tokens as f64 / rollouts.seconds.max(1e-9),
-            );
-            metrics.insert(
-                "rollout/redistributed_prompts".into(),
-                rollouts.redistributed as f64,
-            );
+            rollouts.report(&mut metrics);
             metrics.insert("time/weight_sync_s".into(), sync_seconds);
             metrics.insert("time/step_total_s".into(), started.elapsed().as_secs_f64());
             metrics.insert("weight_version".into(), self.version as f64);
@@ -339,8 +371,8 @@ impl Controller {
                 let trace = TraceContext::new(&self.job_id, step);
                 metrics.extend(trace.scope(self.evaluate(step)).await?);
             }
-            if self.job.learner.checkpoint.every_steps == 0 && step == total {
-                self.save_checkpoint().await?;
+            if step == total {
+                self.save_final().await?;
             }
             let line = metrics_line(step, &metrics);
             use std::io::Write;
@@ -353,6 +385,137 @@ impl Controller {
             step += 1;
         }
         Ok(Outcome::Succeeded)
+    }
+
+    /// Starts the generation of every step from `step` up to the pipeline's depth (sync: only
+    /// `step`; async: `max_staleness` steps ahead) that is not in flight yet, with the weights
+    /// the actors have now. A step generated k steps ahead is trained k versions later.
+    fn launch_generation(&self, inflight: &mut VecDeque<InFlight>, step: u64, total: u64) {
+        let depth = match self.job.rollout.mode {
+            RolloutMode::Sync => 0,
+            RolloutMode::Async => self.job.rollout.max_staleness,
+        };
+        let first = inflight.back().map_or(step, |(s, _)| s + 1);
+        for s in first..=(step + depth).min(total) {
+            let generator = self.generator();
+            let version = self.version;
+            let trace = TraceContext::new(&self.job_id, s);
+            let task = trace.scope(async move {
+                generator
+                    .generate_round(s, 1, version, HashSet::new())
+                    .await
+            });
+            inflight.push_back((s, tokio::spawn(task)));
+        }
+    }
+
+    /// One learner step, with DAPO's extra generation rounds when the learner asks for more
+    /// informative groups (at most `rollout.max_generation_rounds` rounds in all).
+    async fn train(
+        &self,
+        step: u64,
+        rollouts: &mut Rollouts,
+    ) -> Result<v1::StepReport, LearnerFailure> {
+        let g = &self.job.learner;
+        let dynamic = g.algorithm == Algorithm::Grpo && g.grpo.dynamic_sampling;
+        let rounds = if dynamic {
+            self.job.rollout.max_generation_rounds.max(1)
+        } else {
+            1
+        };
+        loop {
+            self.send_aliases(&rollouts.aliases)
+                .await
+                .map_err(LearnerFailure::Failed)?;
+            rollouts.aliases.clear();
+            let last = rollouts.rounds >= rounds;
+            let mut report = self.learner_step(step, rollouts.samples, last).await?;
+            if report.missing_groups == 0 || last {
+                if dynamic {
+                    report
+                        .metrics
+                        .insert("dynamic_sampling/rounds".into(), rollouts.rounds as f64);
+                }
+                return Ok(report);
+            }
+            self.emit(Event::Log(format!(
+                "step {step}: {} informative group(s) missing after round {}; generating more",
+                report.missing_groups, rollouts.rounds
+            )));
+            let taken = std::mem::take(&mut rollouts.taken);
+            let more = self
+                .generator()
+                .generate_round(step, rollouts.rounds + 1, self.version, taken)
+                .await
+                .map_err(LearnerFailure::Failed)?;
+            rollouts.absorb(more);
+        }
+    }
+
+    /// Joins replacement actors (with the current weights) and takes the reward replicas the
+    /// supervisor serves now.
+    async fn refresh_workers(&mut self) -> Result<()> {
+        let joined = self.supervisor.new_actors().await;
+        if !joined.is_empty() {
+            self.emit(Event::Log(format!(
+                "{} actor(s) joined; giving them weights v{}",
+                joined.len(),
+                self.version
+            )));
+            for a in &joined {
+                self.update_actor(a, self.version).await?;
+            }
+            self.endpoints.actors.extend(joined);
+        }
+        if let Some(rewards) = self.supervisor.rewards().await? {
+            if rewards != self.endpoints.rewards {
+                self.emit(Event::Log(format!("reward servers: {rewards:?}")));
+            }
+            self.endpoints.rewards = rewards;
+        }
+        Ok(())
+    }
+
+    /// Forgets actors a generation found dead.
+    fn drop_actors(&mut self, dead: &[String]) {
+        self.endpoints.actors.retain(|a| !dead.contains(a));
+    }
+
+    /// Gives the learners the reference rewards of renamed prompts (`id#k`: a prompt that came
+    /// twice in a step) under their new ids.
+    async fn send_aliases(&self, aliases: &[(String, String)]) -> Result<()> {
+        if aliases.is_empty() || !self.job.needs_reference_rewards() {
+            return Ok(());
+        }
+        let rows = aliases
+            .iter()
+            .map(|(alias, original)| {
+                let values = self
+                    .reference
+                    .get(original)
+                    .with_context(|| format!("prompt `{original}` has no reference reward"))?;
+                Ok(v1::ReferenceRow {
+                    prompt_id: alias.clone(),
+                    values: values.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.set_reference_rows(rows).await
+    }
+
+    /// Adds r_ref rows on every learner rank.
+    async fn set_reference_rows(&self, rows: Vec<v1::ReferenceRow>) -> Result<()> {
+        let objectives = self.job.objective_names();
+        for address in &self.endpoints.learners {
+            let mut c = learner_client(address, self.timeout())?;
+            c.set_reference_rewards(v1::ReferenceRewards {
+                objectives: objectives.clone(),
+                rows: rows.clone(),
+            })
+            .await
+            .context("SetReferenceRewards")?;
+        }
+        Ok(())
     }
 
     async fn checkpoint_and_stop(&mut self, last: u64) -> Result<Outcome> {
@@ -387,10 +550,27 @@ impl Controller {
             .into_inner())
     }
 
-    async fn save_checkpoint(&self) -> Result<()> {
+    async fn save_checkpoint(&self) -> Result<v1::CheckpointInfo> {
+        self.checkpoint(None).await
+    }
+
+    /// The last step's checkpoint, with the trained policy exported as a Hugging Face folder
+    /// at `<output_dir>/policy`.
+    async fn save_final(&self) -> Result<()> {
+        let dir = self.out.join("policy");
+        let info = self.checkpoint(Some(&dir)).await?;
+        if !info.policy_dir.is_empty() {
+            self.emit(Event::Log(format!("final policy: {}", info.policy_dir)));
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&self, export: Option<&std::path::Path>) -> Result<v1::CheckpointInfo> {
         let mut c = learner_client(&self.endpoints.learners[0], self.timeout())?;
         let info = c
-            .save_checkpoint(v1::SaveCheckpointRequest::default())
+            .save_checkpoint(v1::SaveCheckpointRequest {
+                export_policy_dir: export.map(|p| p.display().to_string()).unwrap_or_default(),
+            })
             .await
             .context("SaveCheckpoint")?
             .into_inner();
@@ -398,7 +578,7 @@ impl Controller {
             "checkpoint {} (step {})",
             info.path, info.step
         )));
-        Ok(())
+        Ok(info)
     }
 
     /// A generator sharing this controller's settings, for a background task.
@@ -414,25 +594,6 @@ impl Controller {
         }
     }
 
-    async fn generate_step(&mut self, step: u64, version: u64) -> Result<Rollouts> {
-        let joined = self.supervisor.new_actors().await;
-        if !joined.is_empty() {
-            self.emit(Event::Log(format!(
-                "{} actor(s) joined; giving them weights v{}",
-                joined.len(),
-                self.version
-            )));
-            for a in &joined {
-                self.update_actor(a, self.version).await?;
-            }
-            self.endpoints.actors.extend(joined);
-        }
-        let generator = self.generator();
-        let r = generator.generate_step(step, version).await?;
-        self.endpoints.actors = r.live_actors.clone();
-        Ok(r)
-    }
-
     /// r_ref per prompt and objective: the configured quantile of K reference samples' rewards.
     async fn calibrate(&mut self) -> Result<()> {
         let path = self.out.join("reference_rewards.json");
@@ -443,6 +604,16 @@ impl Controller {
         } else {
             let k = self.job.rewards.reference_samples;
             let prompts: Vec<Prompt> = self.prompts.clone();
+            // r_ref comes from the reference policy: when it is not the policy's starting
+            // point, the actors serve the reference's weights for the calibration pass.
+            let from_reference = self.job.reference_differs();
+            if from_reference {
+                self.emit(Event::Log(
+                    "calibrating with the reference policy's weights on the actors".into(),
+                ));
+                let actors = self.endpoints.actors.clone();
+                self.check_updates(0, self.publish(0, &actors, true).await?)?;
+            }
             let generator = self.generator();
             let completions = generator
                 .generate(Pass {
@@ -456,6 +627,10 @@ impl Controller {
                 })
                 .await?
                 .0;
+            if from_reference {
+                // Back to the policy's weights before any step is generated.
+                self.sync_weights(self.version).await?;
+            }
             let mut by_prompt: HashMap<String, Vec<Vec<f32>>> = HashMap::new();
             for c in completions {
                 by_prompt.entry(c.prompt_id).or_default().push(c.rewards);
@@ -474,23 +649,21 @@ impl Controller {
                     (id, values)
                 })
                 .collect();
-            std::fs::write(&path, serde_json::to_string_pretty(&table)?)?;
+            let tmp = path.with_extension("json.tmp");
+            std::fs::write(&tmp, serde_json::to_string_pretty(&table)?)?;
+            std::fs::rename(&tmp, &path)?;
             table
         };
         let rows = table
-            .into_iter()
-            .map(|(prompt_id, values)| v1::ReferenceRow { prompt_id, values })
+            .iter()
+            .map(|(prompt_id, values)| v1::ReferenceRow {
+                prompt_id: prompt_id.clone(),
+                values: values.clone(),
+            })
             .collect::<Vec<_>>();
         let n = rows.len();
-        for address in &self.endpoints.learners {
-            let mut c = learner_client(address, self.timeout())?;
-            c.set_reference_rewards(v1::ReferenceRewards {
-                objectives: objectives.clone(),
-                rows: rows.clone(),
-            })
-            .await
-            .context("SetReferenceRewards")?;
-        }
+        self.reference = table;
+        self.set_reference_rows(rows).await?;
         self.emit(Event::Log(format!("r_ref set for {n} prompts")));
         Ok(())
     }
@@ -499,13 +672,14 @@ impl Controller {
         &self,
         step: u64,
         expected: u64,
+        last_round: bool,
     ) -> Result<v1::StepReport, LearnerFailure> {
         let request = v1::StepRequest {
             step,
             expected_samples: expected,
             timeout_seconds: self.job.rollout.step_timeout_seconds,
             data_cursor: step,
-            last_round: true,
+            last_round,
         };
         let calls = self.endpoints.learners.iter().map(|address| async move {
             let mut c = learner_client(address, self.timeout()).map_err(LearnerFailure::Failed)?;
@@ -531,6 +705,8 @@ impl Controller {
         self.state(JobState::Running, "paused: replacing the learner");
         self.endpoints.learners = self.supervisor.replace_learners().await?;
         let info = self.learner_info().await?;
+        let metrics_path = self.out.join("metrics.jsonl");
+        let redone = redone_steps(last_recorded_step(&metrics_path), info.step);
         self.version = info.weight_version;
         self.sync_weights(self.version).await?;
         if self.job.needs_reference_rewards() {
@@ -538,15 +714,19 @@ impl Controller {
             trace.scope(self.calibrate()).await?;
         }
         // Steps after the checkpoint are trained again: drop their old metric lines.
-        truncate_metrics(&self.out.join("metrics.jsonl"), info.step)?;
+        truncate_metrics(&metrics_path, info.step)?;
         self.emit(Event::Log(format!(
             "learner back at step {} (weights v{})",
             info.step, info.weight_version
         )));
-        self.state(
-            JobState::Running,
-            format!("resumed after step {}", info.step),
-        );
+        let reason = match redone {
+            Some(note) => {
+                self.emit(Event::Log(note.clone()));
+                format!("resumed after step {} ({note})", info.step)
+            }
+            None => format!("resumed after step {}", info.step),
+        };
+        self.state(JobState::Running, reason);
         Ok(info.step)
     }
 
@@ -554,13 +734,19 @@ impl Controller {
     /// from the learner); actors that are gone are dropped from the job.
     async fn sync_weights(&mut self, version: u64) -> Result<()> {
         let actors = self.endpoints.actors.clone();
-        let updates = self.publish_weights(version, &actors).await?;
+        let updates = self.publish(version, &actors, false).await?;
+        self.endpoints.actors = self.check_updates(version, updates)?;
+        Ok(())
+    }
+
+    /// The actors that took an update; an actor that refused it fails the job, one that is gone
+    /// (or cannot take weights within a step's timeout) is logged and left out.
+    fn check_updates(&self, version: u64, updates: Vec<v1::ActorUpdate>) -> Result<Vec<String>> {
         let mut live = Vec::new();
         for update in updates {
             if update.ok {
                 live.push(update.address);
             } else if update.unreachable || update.timed_out {
-                // An actor that cannot take weights within a step's timeout is as good as gone.
                 self.emit(Event::Log(format!(
                     "actor {} is gone: {}",
                     update.address, update.error
@@ -576,15 +762,16 @@ impl Controller {
         if live.is_empty() {
             bail!("no actor left to generate with");
         }
-        self.endpoints.actors = live;
-        Ok(())
+        Ok(live)
     }
 
-    /// `PublishWeights` on learner rank 0: its weights of at least `version` to `actors`.
-    async fn publish_weights(
+    /// `PublishWeights` on learner rank 0: its weights of at least `version` (or the frozen
+    /// reference's) to `actors`.
+    async fn publish(
         &self,
         version: u64,
         actors: &[String],
+        reference: bool,
     ) -> Result<Vec<v1::ActorUpdate>> {
         // The learner waits up to a step's timeout for the version, then gives each actor as long.
         let deadline = 2 * self.timeout() + Duration::from_secs(10);
@@ -596,7 +783,7 @@ impl Controller {
                 chunk_bytes: WEIGHT_CHUNK_BYTES,
                 timeout_seconds: self.job.rollout.step_timeout_seconds,
                 actor_addresses: actors.to_vec(),
-                reference: false,
+                reference,
             })
             .await
             .context("PublishWeights")?
@@ -610,7 +797,7 @@ impl Controller {
             return Ok(());
         }
         let update = self
-            .publish_weights(version, &[address.to_string()])
+            .publish(version, &[address.to_string()], false)
             .await?
             .pop()
             .context("PublishWeights: no reply for the actor")?;
@@ -701,7 +888,42 @@ pub struct Rollouts {
     pub tokens: u64,
     pub seconds: f64,
     pub redistributed: usize,
-    pub live_actors: Vec<String>,
+    /// Actors that stopped answering during the generation.
+    pub dead_actors: Vec<String>,
+    /// Generation rounds so far (more than one under DAPO dynamic sampling).
+    pub rounds: u32,
+    /// The step's prompt ids so far (ids stay unique across rounds).
+    pub taken: HashSet<String>,
+    /// `(renamed id, original id)` of prompts renamed since the learners last heard of them.
+    pub aliases: Vec<(String, String)>,
+}
+
+impl Rollouts {
+    /// Adds a further round of the same step.
+    fn absorb(&mut self, more: Rollouts) {
+        self.samples += more.samples;
+        self.tokens += more.tokens;
+        self.seconds += more.seconds;
+        self.redistributed += more.redistributed;
+        self.dead_actors.extend(more.dead_actors);
+        self.rounds = more.rounds;
+        self.taken = more.taken;
+        self.aliases.extend(more.aliases);
+    }
+
+    /// The step's rollout metrics.
+    fn report(&self, metrics: &mut BTreeMap<String, f64>) {
+        metrics.insert("rollout/generate_s".into(), self.seconds);
+        metrics.insert(
+            "rollout/tokens_per_s".into(),
+            self.tokens as f64 / self.seconds.max(1e-9),
+        );
+        metrics.insert("rollout/samples".into(), self.samples as f64);
+        metrics.insert(
+            "rollout/redistributed_prompts".into(),
+            self.redistributed as f64,
+        );
+    }
 }
 
 /// One generation pass over a set of prompts.
@@ -734,35 +956,33 @@ pub struct Generator {
 }
 
 impl Generator {
-    async fn generate_step(&self, step: u64, version: u64) -> Result<Rollouts> {
+    /// Generation round `round` of `step` (see [`round_prompts`]), pushed to the learners under
+    /// `step`. Round r > 1 seeds its samples apart from the earlier rounds.
+    async fn generate_round(
+        &self,
+        step: u64,
+        round: u32,
+        version: u64,
+        mut taken: HashSet<String>,
+    ) -> Result<Rollouts> {
         let started = Instant::now();
-        let idx = step_prompts(
-            self.prompts.len(),
+        let (prompts, aliases) = round_prompts(
+            &self.prompts,
             self.job.rollout.prompts_per_step,
             self.job.seed,
             step,
+            round,
+            &mut taken,
         );
-        // A prompt may come twice in a step when the data is smaller than a step: ids stay unique.
-        let prompts: Vec<Prompt> = idx
-            .iter()
-            .enumerate()
-            .map(|(k, &i)| {
-                let mut p = self.prompts[i].clone();
-                if idx[..k].contains(&i) {
-                    p.id = format!("{}#{k}", p.id);
-                }
-                p
-            })
-            .collect();
         let n = self.job.rollout.samples_per_prompt;
         let (completions, (redistributed, live)) = self
             .generate(Pass {
                 prompts: &prompts,
                 n,
                 temperature: self.job.rollout.temperature,
-                min_version: version.saturating_sub(self.staleness()),
+                min_version: version,
                 push_step: Some(step),
-                seed_step: step,
+                seed_step: step ^ (u64::from(round.saturating_sub(1)) << 40),
                 full: false,
             })
             .await?;
@@ -772,15 +992,16 @@ impl Generator {
             tokens,
             seconds: started.elapsed().as_secs_f64(),
             redistributed,
-            live_actors: live,
+            dead_actors: self
+                .actors
+                .iter()
+                .filter(|a| !live.contains(a))
+                .cloned()
+                .collect(),
+            rounds: round,
+            taken,
+            aliases,
         })
-    }
-
-    fn staleness(&self) -> u64 {
-        match self.job.rollout.mode {
-            RolloutMode::Sync => 0,
-            RolloutMode::Async => self.job.rollout.max_staleness,
-        }
     }
 
     /// Generates `pass.n` samples of every prompt over the actors. Returns the completions
@@ -960,4 +1181,27 @@ pub fn metrics_line(step: u64, metrics: &BTreeMap<String, f64>) -> String {
         obj.insert(k.clone(), serde_json::json!(v));
     }
     serde_json::Value::Object(obj).to_string()
+}
+
+/// The highest step recorded in `metrics.jsonl` (0 when none).
+fn last_recorded_step(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+/// What a restart from `restored` loses of the `recorded` steps, said plainly (None: nothing).
+fn redone_steps(recorded: u64, restored: u64) -> Option<String> {
+    (recorded > restored).then(|| match restored {
+        0 => format!(
+            "no checkpoint found: training restarts from step 1, recorded steps 1..={recorded} are trained again"
+        ),
+        r => format!(
+            "the last checkpoint is step {r}: steps {}..={recorded} are trained again",
+            r + 1
+        ),
+    })
 }

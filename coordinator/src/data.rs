@@ -128,9 +128,89 @@ pub fn step_prompts(n: usize, per_step: usize, seed: u64, step: u64) -> Vec<usiz
         .collect()
 }
 
+/// The prompts of generation `round` (1-based) of `step`, with ids unique within the step.
+///
+/// Round 1 is [`step_prompts`]; a further round (DAPO dynamic sampling) walks its own seeded
+/// permutation, so every round follows from (seed, step, round) alone. A prompt whose id the step
+/// already holds (the data is smaller than a step, or an earlier round had it) is renamed
+/// `<id>#<position>`; `taken` holds the step's ids so far. Returns the prompts and, for every
+/// renamed one, `(new id, original id)`: the original keys its reference reward.
+pub fn round_prompts(
+    prompts: &[Prompt],
+    per_step: usize,
+    seed: u64,
+    step: u64,
+    round: u32,
+    taken: &mut HashSet<String>,
+) -> (Vec<Prompt>, Vec<(String, String)>) {
+    let round_seed = match round {
+        0 | 1 => seed,
+        r => seed ^ (r as u64).wrapping_mul(0xD1B5_4A32_D192_ED03),
+    };
+    let idx = step_prompts(prompts.len(), per_step, round_seed, step);
+    let mut aliases = Vec::new();
+    let batch = idx
+        .into_iter()
+        .enumerate()
+        .map(|(k, i)| {
+            let mut p = prompts[i].clone();
+            let position = (round.max(1) as usize - 1) * per_step + k;
+            let mut id = p.id.clone();
+            while taken.contains(&id) {
+                id = format!("{id}#{position}");
+            }
+            if id != p.id {
+                aliases.push((id.clone(), std::mem::replace(&mut p.id, id.clone())));
+            }
+            taken.insert(id);
+            p
+        })
+        .collect();
+    (batch, aliases)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn prompt(id: &str) -> Prompt {
+        Prompt {
+            id: id.into(),
+            content: v1::prompt_input::Content::Text(id.into()),
+            metadata: HashMap::new(),
+        }
+    }
+
+    #[test]
+    fn round_prompts_keep_ids_unique_and_name_their_originals() {
+        // Two prompts, three per step: one comes twice in round 1.
+        let data = vec![prompt("a"), prompt("b"), prompt("a#2")];
+        let mut taken = HashSet::new();
+        let (first, aliases) = round_prompts(&data[..2], 3, 5, 1, 1, &mut taken);
+        let ids: HashSet<&str> = first.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids.len(), 3, "{ids:?}");
+        assert_eq!(aliases.len(), 1);
+        let (alias, original) = &aliases[0];
+        assert!(alias.starts_with(original.as_str()) && alias != original);
+        // A second round of the same step renames every prompt the first had.
+        let (second, more) = round_prompts(&data[..2], 3, 5, 1, 2, &mut taken);
+        assert_eq!(more.len(), 3);
+        assert!(second.iter().all(|p| !ids.contains(p.id.as_str())));
+        // An original id that looks like a renamed one is never confused with it.
+        let mut taken = HashSet::new();
+        let (batch, aliases) = round_prompts(&data, 6, 5, 1, 1, &mut taken);
+        let unique: HashSet<&str> = batch.iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(unique.len(), 6);
+        for (alias, original) in aliases {
+            assert!(
+                data.iter().any(|p| p.id == original),
+                "{alias} -> {original}"
+            );
+        }
+        // Same inputs, same rounds.
+        let again = round_prompts(&data[..2], 3, 5, 1, 1, &mut HashSet::new()).0;
+        assert_eq!(again, first);
+    }
 
     #[test]
     fn parses_text_chat_and_metadata_and_names_bad_lines() {

@@ -149,8 +149,13 @@ pub struct RolloutSpec {
     pub max_new_tokens: u32,
     pub stop: Vec<String>,
     pub mode: RolloutMode,
-    /// Async: generation may use weights this many versions behind.
+    /// Async: up to this many steps are generated ahead of the learner, so a step's samples may
+    /// come from weights this many versions behind the ones it is trained from.
     pub max_staleness: u64,
+    /// GRPO dynamic sampling (DAPO): at most this many generation rounds per step (the first
+    /// included) to fill the step with informative groups; DAPO's `max_num_gen_batches`. After
+    /// the last round the step trains on the informative groups it has.
+    pub max_generation_rounds: u32,
     /// Seconds a step's generation, scoring and training may take before the job fails.
     pub step_timeout_seconds: f64,
 }
@@ -168,6 +173,7 @@ impl Default for RolloutSpec {
             stop: Vec::new(),
             mode: RolloutMode::Sync,
             max_staleness: 1,
+            max_generation_rounds: 4,
             step_timeout_seconds: 1800.0,
         }
     }
@@ -414,6 +420,11 @@ impl JobSpec {
         if r.mode == RolloutMode::Async && r.max_staleness == 0 {
             p.push("rollout.max_staleness: async mode needs at least 1 (0 is sync)".into());
         }
+        if r.max_generation_rounds == 0 {
+            p.push(
+                "rollout.max_generation_rounds: must be at least 1 (the step's own round)".into(),
+            );
+        }
         if r.step_timeout_seconds.is_nan() || r.step_timeout_seconds <= 0.0 {
             p.push("rollout.step_timeout_seconds: must be > 0".into());
         }
@@ -477,6 +488,16 @@ impl JobSpec {
     }
 
     /// Whether calibration of r_ref is needed.
+    /// Whether `[policy] reference` names another model than `policy.model` (a second RL run
+    /// from an RL checkpoint is the common case): r_ref must then be calibrated on it.
+    pub fn reference_differs(&self) -> bool {
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        self.policy
+            .reference
+            .as_deref()
+            .is_some_and(|r| canonical(r) != canonical(&self.policy.model))
+    }
+
     pub fn needs_reference_rewards(&self) -> bool {
         self.objectives
             .iter()

@@ -400,3 +400,70 @@ async fn remote_objective_and_a_remote_that_dies() {
     );
     assert!(elapsed < Duration::from_secs(20));
 }
+
+/// An ensemble objective over the wire: each aggregation of its members' scores, computed here
+/// from the members served alone (one of them checked against transformers' fixture scores).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ensembles_aggregate_their_members_scores_over_grpc() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = reward_models().remove(0);
+    // A second member of the same shape with other weights, so the aggregations differ.
+    let b = tmp.path().join("rm-b");
+    let config = ModelConfig::from_path(&a).unwrap();
+    let device = rlhf_model::device::inference_device().unwrap();
+    let options = rlhf_model::SaveOptions {
+        dtype: rlhf_model::DType::F32,
+        ..Default::default()
+    };
+    rlhf_model::Model::init(&config, &device, 5)
+        .save_with_tokenizer(&b, &options, &a)
+        .unwrap();
+    let (a_path, b_path) = (a.display(), b.display());
+    let mut text = format!(
+        "[[objective]]\nname = \"a\"\nkind = \"model\"\nmodel = \"{a_path}\"\n\
+         [[objective]]\nname = \"b\"\nkind = \"model\"\nmodel = \"{b_path}\"\n"
+    );
+    for (name, aggregation) in [
+        ("mean", "aggregation = \"mean\""),
+        ("median", "aggregation = \"median\""),
+        ("min", "aggregation = \"min\""),
+        ("cautious", "aggregation = \"mean_minus_std\"\nlambda = 0.5"),
+    ] {
+        text.push_str(&format!(
+            "[[objective]]\nname = \"{name}\"\nkind = \"model\"\nmodels = [\"{a_path}\", \"{b_path}\"]\n{aggregation}\n"
+        ));
+    }
+    let server = start(tmp.path(), &text);
+    let mut c = client(&server).await;
+    let cases = pairs(&reference(&a));
+    let samples = cases
+        .iter()
+        .map(|(p, comp, _)| text_sample(p, comp))
+        .collect();
+    let values = score(&mut c, samples).await.unwrap();
+    let mut differ = 0;
+    for ((p, comp, want), v) in cases.iter().zip(&values) {
+        let (sa, sb) = (v[0] as f64, v[1] as f64);
+        assert!(
+            (sa - *want as f64).abs() < 1e-4,
+            "{p:?}+{comp:?}: {sa} vs {want}"
+        );
+        let mean = (sa + sb) / 2.0;
+        // Two members: the median is their mean, the population std is |a - b| / 2.
+        let expected = [mean, mean, sa.min(sb), mean - 0.5 * (sa - sb).abs() / 2.0];
+        for (k, want) in expected.iter().enumerate() {
+            let got = v[2 + k] as f64;
+            assert!(
+                (got - want).abs() < 1e-4,
+                "objective {k} of {p:?}: {got} vs {want}"
+            );
+        }
+        if (sa - sb).abs() > 1e-3 {
+            differ += 1;
+        }
+    }
+    assert!(
+        differ > 0,
+        "the members must disagree for the test to mean anything"
+    );
+}

@@ -214,3 +214,46 @@ pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out
 }
+
+/// [`tiny_job`] with some of its values replaced: each `("table.key", value)` sets one dotted
+/// path (tables are created as needed), so a test changes exactly what it is about.
+pub fn tiny_job_with(dir: &Path, name: &str, edits: &[(&str, toml::Value)]) -> PathBuf {
+    let path = tiny_job(dir, name, "");
+    let mut doc: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    for (dotted, value) in edits {
+        let mut keys: Vec<&str> = dotted.split('.').collect();
+        let last = keys.pop().unwrap();
+        let mut table = &mut doc;
+        for k in keys {
+            table = table
+                .entry(k)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .unwrap_or_else(|| panic!("{dotted}: `{k}` is not a table"));
+        }
+        table.insert(last.to_string(), value.clone());
+    }
+    std::fs::write(&path, toml::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
+/// Every line of a run's `metrics.jsonl`.
+pub fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Runs `rlhf ARGS` to its end; panics with its stderr when it fails.
+pub fn rlhf_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(bin("rlhf"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("rlhf starts");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "rlhf {args:?} failed:\n{err}");
+    err
+}
