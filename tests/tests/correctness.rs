@@ -132,7 +132,7 @@ fn an_async_job_generates_k_steps_ahead_and_resumes() {
     );
     let run = tmp.path().join("run");
     // Interrupted after its third step, resumed to the end.
-    let mut child = Command::new(bin("rlhf"))
+    let child = Command::new(bin("rlhf"))
         .args(["run", job.to_str().unwrap(), "--quiet"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -264,6 +264,6 @@ fn a_restart_without_a_checkpoint_says_which_steps_are_trained_again() {
         reasons
             .iter()
             .any(|r| r.contains("no checkpoint found") && r.contains("trained again")),
-        "{reasons:?}"
+        "{reasons:?}\n{err}"
     );
 }

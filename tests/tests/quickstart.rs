@@ -134,6 +134,48 @@ fn shortened_quickstart_runs_every_stage_and_raises_the_learned_reward() {
     let (first, last) = (total(0..3), total(7..10));
     eprintln!("learned reward: {first:.3} (steps 1-3) → {last:.3} (steps 8-10)");
     assert!(last > first, "learned reward fell: {first:.3} → {last:.3}");
+    // The same arm with a learning rate too small to move the weights: same prompts and sample
+    // seeds, so step 1 is identical and every later difference is what training did. A policy
+    // loss with the wrong sign, advantages that do not reach it, or weights that never reach
+    // the actors all fail this.
+    let arm_job = out.join("arms/log_sigmoid-seed1/job.toml");
+    let mut control: toml::Table = std::fs::read_to_string(&arm_job).unwrap().parse().unwrap();
+    let control_out = dir.path().join("control");
+    control.insert(
+        "output_dir".into(),
+        control_out.display().to_string().into(),
+    );
+    control["learner"]["optim"]
+        .as_table_mut()
+        .unwrap()
+        .insert("lr".into(), 1e-12.into());
+    let control_job = out.join("arms/log_sigmoid-seed1/control.toml");
+    std::fs::write(&control_job, toml::to_string(&control).unwrap()).unwrap();
+    let ran = rlhf(&["run", control_job.to_str().unwrap(), "--quiet"]);
+    assert!(
+        ran.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ran.stderr)
+    );
+    let control_lines: Vec<serde_json::Value> =
+        std::fs::read_to_string(control_out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let learned =
+        |l: &serde_json::Value| metric(l, "reward/helpful/raw") + metric(l, "reward/harmless/raw");
+    assert_eq!(
+        learned(&control_lines[0]),
+        learned(&lines[0]),
+        "step 1 is the same"
+    );
+    let untrained = (7..10).map(|i| learned(&control_lines[i])).sum::<f64>() / 3.0;
+    eprintln!("learned reward over steps 8-10: trained {last:.3}, untrained {untrained:.3}");
+    assert!(
+        last > untrained + 0.05,
+        "training did not raise the learned reward: {last:.3} vs {untrained:.3} untrained"
+    );
 
     // A finished run is not overwritten; --resume finds every stage and arm done.
     let again = rlhf(&["run", job_arg, "--out", out_arg, "--quiet"]);
