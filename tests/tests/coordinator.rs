@@ -131,3 +131,64 @@ fn a_standby_coordinator_takes_over_from_the_active_one_with_etcd() {
     let url = standby.url();
     survives_coordinator_death(&url, &id, active, 8, move || standby);
 }
+
+/// The fencing path: the active coordinator is paused (SIGSTOP) past its lease, a standby takes
+/// the job over, and the old one, resumed, finds its lease lost and steps down (exits) instead
+/// of running on beside the new leader. The job finishes once, under the standby.
+#[test]
+fn a_paused_leader_steps_down_when_it_resumes_and_the_standby_finishes_the_job() {
+    let etcd = Etcd::start();
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("etcd://{}", etcd.endpoint);
+    let state = dir.path().join("state");
+    let mut active = coordinator(&store, &state, 1, "active");
+    let standby = coordinator(&store, &state, 1, "standby");
+    let url = standby.url();
+    let id = submit(&url, &job(dir.path(), "paused", 10, 0, ""));
+    wait_for("two steps", Duration::from_secs(120), || {
+        status(&url, &id)["last_step"].as_u64().unwrap_or(0) >= 2
+    });
+    let out = PathBuf::from(status(&url, &id)["output_dir"].as_str().unwrap());
+    // The paused leader's own workers, to clean up after it.
+    let endpoints: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(out.join("workers/endpoints.json")).unwrap())
+            .unwrap();
+    let orphans: Vec<u32> = endpoints
+        .iter()
+        .filter_map(|w| w["pid"].as_u64())
+        .map(|p| p as u32)
+        .collect();
+    rlhf_tests::signal(active.id(), "STOP");
+    // The lease (6 s) expires; the standby wins the election and resumes the job.
+    wait_for(
+        "the standby to resume the job",
+        Duration::from_secs(60),
+        || {
+            status(&url, &id)["history"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| {
+                    h["reason"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("resuming from the last checkpoint")
+                })
+        },
+    );
+    rlhf_tests::signal(active.id(), "CONT");
+    wait_for(
+        "the old leader to step down",
+        Duration::from_secs(15),
+        || active.has_exited(),
+    );
+    let done = wait_state(&url, &id, "succeeded", Duration::from_secs(240));
+    let steps = rlhf_tests::metric_steps(&out);
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?} {done}");
+    assert_eq!(steps.last(), Some(&10), "{steps:?}");
+    for pid in orphans {
+        if alive(pid) {
+            rlhf_tests::signal(pid, "KILL");
+        }
+    }
+}

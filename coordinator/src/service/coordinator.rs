@@ -218,6 +218,12 @@ impl Coordinator {
             let mut last_ok = std::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                if last_ok.elapsed() >= FENCE {
+                    // Paused or starved past the fence (SIGSTOP, a stalled VM): step down before
+                    // anything else of this process acts on a lease that may be gone.
+                    eprintln!("coordinator held no renewed lease for {FENCE:?}; exiting");
+                    std::process::exit(3);
+                }
                 let renewed =
                     tokio::time::timeout(Duration::from_millis(1500), store.keep_alive(lease))
                         .await;
