@@ -304,8 +304,9 @@ impl JobSpec {
             Ok(job) => job,
             Err(first) => return Err(collect_parse_errors(text, path, first)),
         };
-        let base = path.parent().unwrap_or(Path::new("."));
-        job.resolve_paths(base);
+        // Absolute, so that no process (the learner resolves paths against its own config's
+        // folder) reads a relative path against another folder.
+        job.resolve_paths(&absolute_folder(path));
         let problems: Vec<String> = job.problems().into_iter().map(at).collect();
         if problems.is_empty() {
             Ok(job)
@@ -467,11 +468,14 @@ impl JobSpec {
         p
     }
 
-    /// The job's output folder.
+    /// The job's output folder, absolute (the default `runs/<name>` and a `--out` given on the
+    /// command line are under the current folder).
     pub fn output_dir(&self) -> PathBuf {
-        self.output_dir
+        let dir = self
+            .output_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name))
+            .unwrap_or_else(|| PathBuf::from("runs").join(&self.name));
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     /// Objective names in order.
@@ -656,6 +660,16 @@ fn collect_parse_errors(text: &str, path: &Path, first: toml::de::Error) -> Vec<
     out
 }
 
+/// The absolute folder of a file path (`job.toml` alone: the current folder).
+fn absolute_folder(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => {
+            std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+        }
+        _ => std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -706,6 +720,21 @@ actors = 0
             errors.iter().all(|e| e.starts_with("/jobs/job.toml")),
             "{all}"
         );
+    }
+
+    #[test]
+    fn paths_of_a_job_given_by_a_relative_file_name_are_absolute() {
+        // `rlhf run job.toml` from the job's folder: nothing may stay relative, or a worker
+        // resolving it against its own folder writes elsewhere.
+        let text = "name = \"x\"\n[policy]\nmodel = \"m\"\n[data]\nprompts = \"p.jsonl\"\n[[objective]]\nname = \"a\"\n";
+        let mut job: JobSpec = toml::from_str(text).unwrap();
+        job.output_dir = Some("out".into());
+        job.resolve_paths(&absolute_folder(Path::new("job.toml")));
+        assert!(job.policy.model.is_absolute() && job.data.prompts.is_absolute());
+        assert!(job.output_dir().is_absolute());
+        job.output_dir = None;
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(job.output_dir(), cwd.join("runs/x"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! applies every state change through [`JobRecord::transition`] (no forced states) and hands
 //! each event, with the record as it is after it, to the job's [`Sink`]s: the terminal
 //! display of `rlhf run`, `job.json` in the output folder ([`JobFile`]), the coordinator's
-//! state store. The runner is async and runs on its caller's runtime.
+//! state store, and always `logs/controller.log` ([`ControllerLog`]), the controller's source of
+//! `rlhf logs`. The runner is async and runs on its caller's runtime.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -45,6 +46,12 @@ pub async fn run(
     options: RunOptions,
     mut sinks: Vec<Box<dyn Sink>>,
 ) -> (Result<Outcome>, JobRecord) {
+    // First, so an event is in the log before any other sink (the store) says it happened:
+    // whoever follows the log until the job's final state sees the final line.
+    match ControllerLog::open(&job.output_dir()) {
+        Ok(log) => sinks.insert(0, Box::new(log)),
+        Err(e) => tracing::warn!(job = record.id, "no controller log: {e:#}"),
+    }
     let mut publish = Publisher { sinks: &mut sinks };
     let placing = if options.gang.is_some() {
         "workers placed by the coordinator"
@@ -75,9 +82,12 @@ struct Publisher<'a> {
 impl Publisher<'_> {
     async fn publish(&mut self, event: Event, record: &mut JobRecord) {
         match &event {
-            // A repeated state (`running`: paused, resumed) is news for the sinks, not a
-            // transition.
-            Event::State { state, reason } if record.state != *state => {
+            // A repeated state with a new reason (`running`: paused, resumed, "no checkpoint
+            // found: …") goes into the history too: it is what a user reads to learn why.
+            Event::State { state, reason }
+                if record.state != *state
+                    || record.history.last().is_none_or(|h| h.reason != *reason) =>
+            {
                 if let Err(e) = record.transition(*state, reason.clone()) {
                     tracing::warn!(job = record.id, "{e}");
                     return;
@@ -216,6 +226,100 @@ impl Sink for JobFile {
     }
 }
 
+/// The job's events as lines of `<out>/logs/controller.log`, each with its UTC time: state
+/// changes with their reasons, the controller's notes, and a summary of every step. Appended
+/// to: a resumed job continues its file. A new file starts with the record's history so far
+/// (a coordinator's job was queued and placed before its runner started).
+pub struct ControllerLog {
+    file: std::fs::File,
+    /// Whether the history before the first event still has to be written.
+    fresh: bool,
+}
+
+/// The metrics a step's summary line shows (every metric is in `metrics.jsonl`).
+fn summarised(key: &str) -> bool {
+    key.starts_with("reward/")
+        || key.starts_with("kl/")
+        || key.starts_with("eval/")
+        || ["train/loss", "train/entropy", "rollout/tokens_per_s"].contains(&key)
+}
+
+impl ControllerLog {
+    /// Opens (appending) the controller log of the job whose output folder is `out`.
+    pub fn open(out: &Path) -> Result<ControllerLog> {
+        let dir = crate::logs::folder(out);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!("{}.log", crate::logs::CONTROLLER));
+        let file = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let fresh = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
+        Ok(ControllerLog { file, fresh })
+    }
+
+    /// The line(s) of one event, without their time.
+    fn describe(event: &Event) -> String {
+        match event {
+            Event::State { state, reason } => format!("state {}: {reason}", state.as_str()),
+            Event::Step {
+                step,
+                total,
+                metrics,
+            } => {
+                let shown: Vec<String> = metrics
+                    .iter()
+                    .filter(|(k, _)| summarised(k))
+                    .map(|(k, v)| format!("{k}={v:.4}"))
+                    .collect();
+                format!("step {step}/{total} {}", shown.join(" "))
+                    .trim_end()
+                    .to_string()
+            }
+            Event::Log(line) => line.clone(),
+        }
+    }
+
+    /// Writes `text` at time `at`, one timestamped line per line of it.
+    fn write(&mut self, at: f64, text: &str) -> std::io::Result<()> {
+        use std::io::Write;
+        let stamp = crate::logs::utc_timestamp(at);
+        let mut out = String::new();
+        for line in text.lines() {
+            out.push_str(&format!("{stamp} {line}\n"));
+        }
+        // One write per event: lines of concurrent writers never interleave mid-line.
+        self.file.write_all(out.as_bytes())
+    }
+}
+
+#[tonic::async_trait]
+impl Sink for ControllerLog {
+    async fn event(&mut self, event: &Event, record: &JobRecord) -> Result<()> {
+        if std::mem::take(&mut self.fresh) {
+            let current = match event {
+                Event::State { state, reason } => Some((*state, reason.as_str())),
+                _ => None,
+            };
+            let mut earlier = record.history.clone();
+            // The event's own transition is written as the event.
+            if let (Some(last), Some((state, reason))) = (earlier.last(), current)
+                && last.state == state
+                && last.reason == reason
+            {
+                earlier.pop();
+            }
+            for t in earlier {
+                let line = Self::describe(&Event::state(t.state, t.reason));
+                self.write(t.at, &line)?;
+            }
+        }
+        self.write(crate::state::now(), &Self::describe(event))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +341,79 @@ mod tests {
         assert_eq!(
             (fresh.state, fresh.spec_toml.as_str()),
             (JobState::Queued, "y")
+        );
+    }
+
+    /// The controller log's lines without their times (and checks each has one).
+    fn log_lines(out: &Path) -> Vec<String> {
+        let text = std::fs::read_to_string(out.join("logs/controller.log")).unwrap();
+        text.lines()
+            .map(|l| {
+                let (stamp, rest) = l.split_once(' ').unwrap();
+                assert!(stamp.len() == 24 && stamp.ends_with('Z'), "{l}");
+                rest.to_string()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_controller_log_has_the_history_then_every_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record = JobRecord::new("j-1".into(), "j".into(), String::new(), 0);
+        record
+            .transition(JobState::Placing, "placed on w1")
+            .unwrap();
+        let mut log = ControllerLog::open(dir.path()).unwrap();
+        let placing = Event::state(JobState::Placing, "workers placed by the coordinator");
+        log.event(&placing, &record).await.unwrap();
+        let metrics = [
+            ("reward/total".to_string(), 0.5),
+            ("timing/step_s".to_string(), 2.0),
+        ];
+        let step = Event::Step {
+            step: 1,
+            total: 3,
+            metrics: metrics.into_iter().collect(),
+        };
+        log.event(&step, &record).await.unwrap();
+        log.event(&Event::Log("two\nlines".into()), &record)
+            .await
+            .unwrap();
+        // Reopened (a resumed job): appended, without the history again.
+        let mut again = ControllerLog::open(dir.path()).unwrap();
+        record.transition(JobState::Failed, "boom").unwrap();
+        let failed = Event::state(JobState::Failed, "boom");
+        again.event(&failed, &record).await.unwrap();
+        assert_eq!(
+            log_lines(dir.path()),
+            [
+                "state queued: submitted",
+                "state placing: placed on w1",
+                "state placing: workers placed by the coordinator",
+                "step 1/3 reward/total=0.5000",
+                "two",
+                "lines",
+                "state failed: boom",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_event_of_the_last_transition_is_written_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut record = JobRecord::new("j".into(), "j".into(), String::new(), 0);
+        record
+            .transition(JobState::Placing, "starting local workers")
+            .unwrap();
+        let mut log = ControllerLog::open(dir.path()).unwrap();
+        let placing = Event::state(JobState::Placing, "starting local workers");
+        log.event(&placing, &record).await.unwrap();
+        assert_eq!(
+            log_lines(dir.path()),
+            [
+                "state queued: submitted",
+                "state placing: starting local workers"
+            ]
         );
     }
 
