@@ -70,11 +70,20 @@ pub enum Command {
         #[command(flatten)]
         target: cluster::Target,
     },
-    /// A job's history and log locations; `-f` follows its events until it ends.
+    /// A job's logs: the controller's and every worker's, each line prefixed with its source.
     Logs {
+        /// A job id on the coordinator, or the output folder of an `rlhf run` (a folder with
+        /// `job.json`), read directly.
         job: String,
+        /// Keep printing new lines until the job ends.
         #[arg(short, long)]
         follow: bool,
+        /// Only the last N lines (N ≥ 1) of each source, then new ones with `-f`.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        tail: Option<u32>,
+        /// Print JSON log lines (`--log-format json` workers) as they are, not made readable.
+        #[arg(long)]
+        raw: bool,
         #[command(flatten)]
         target: cluster::Target,
     },
@@ -131,8 +140,18 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logs {
             job,
             follow,
+            tail,
+            raw,
             target,
-        } => cluster::logs(target, job, follow),
+        } => cluster::logs(
+            target,
+            job,
+            cluster::LogsOptions {
+                follow,
+                tail: tail.unwrap_or(0),
+                raw,
+            },
+        ),
         Command::Cancel { job, target } => cluster::cancel(target, job),
         Command::Workers { json, target } => cluster::workers(target, json),
         Command::Plot { run, out } => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use rlhf_coordinator::logs::{self, StreamOptions};
 use rlhf_coordinator::service::LauncherKind;
 use rlhf_proto::client::{JobsClient, Timeouts, WorkersClient};
 use rlhf_proto::error::Failure;
@@ -249,55 +250,96 @@ pub fn cancel(target: Target, id: String) -> Result<()> {
     })
 }
 
-/// The job's history and where its worker logs are; `follow` streams its events until it ends.
-pub fn logs(target: Target, id: String, follow: bool) -> Result<()> {
+/// What `rlhf logs` prints.
+#[derive(Debug, Clone, Copy)]
+pub struct LogsOptions {
+    /// Keep printing new lines until the job ends.
+    pub follow: bool,
+    /// Only the last `tail` lines of each source (0: all).
+    pub tail: u32,
+    /// JSON log lines as they are.
+    pub raw: bool,
+}
+
+/// How long `rlhf logs` without `-f` waits for the coordinator's next line (a follower waits
+/// as long as the job runs; HTTP/2 keep-alives notice a coordinator that went away).
+const LOG_LINE_WAIT: Duration = Duration::from_secs(30);
+
+/// A job's logs, `[source] line` for each line of the controller's and every worker's log:
+/// through the coordinator's `Logs` stream, or read here when `job` is an `rlhf run` output
+/// folder (one with `job.json`).
+pub fn logs(target: Target, job: String, options: LogsOptions) -> Result<()> {
+    let folder = PathBuf::from(&job);
+    if folder.join("job.json").is_file() {
+        return local_logs(folder, options);
+    }
     block(async {
-        let mut client = target.client()?;
-        let info = client
-            .get(v1::GetJobRequest { id: id.clone() })
+        let mut lines = target
+            .client()?
+            .logs(v1::LogsRequest {
+                id: job,
+                follow: options.follow,
+                tail: options.tail,
+            })
             .await
             .map_err(|e| status_error(e, &target.coordinator))?
             .into_inner();
-        println!(
-            "job {}: worker logs in {}/logs/, metrics in {}/metrics.jsonl",
-            info.id, info.output_dir, info.output_dir
-        );
-        let ended = ["succeeded", "failed", "cancelled"].contains(&info.state.as_str());
-        if !follow || ended {
-            print_history(&info);
-        }
-        if !follow
-            || info.state == "succeeded"
-            || info.state == "failed"
-            || info.state == "cancelled"
-        {
-            return Ok(());
-        }
-        let mut events = client
-            .watch(v1::WatchJobRequest { id })
-            .await
-            .map_err(|e| status_error(e, &target.coordinator))?
-            .into_inner();
-        while let Some(event) = events
-            .message()
-            .await
-            .map_err(|e| status_error(e, &target.coordinator))?
-        {
-            match event.event {
-                Some(v1::job_event::Event::State(s)) => println!("  {:<12} {}", s.state, s.reason),
-                Some(v1::job_event::Event::Step(s)) => {
-                    let total = s.metrics.get("reward/total").copied().unwrap_or(f64::NAN);
-                    let kl = s.metrics.get("kl/sequence").copied().unwrap_or(f64::NAN);
-                    println!(
-                        "  step {}/{}  reward {total:.4}  kl {kl:.4}",
-                        s.step, s.total
-                    );
-                }
-                None => {}
+        loop {
+            let next = if options.follow {
+                lines.message().await
+            } else {
+                tokio::time::timeout(LOG_LINE_WAIT, lines.message())
+                    .await
+                    .map_err(|_| {
+                        anyhow::anyhow!(
+                            "coordinator {} sent no log line for {LOG_LINE_WAIT:?}",
+                            target.coordinator
+                        )
+                    })?
+            };
+            match next.map_err(|e| status_error(e, &target.coordinator))? {
+                Some(l) => print_log_line(&l.source, &l.line, options.raw),
+                None => return Ok(()),
             }
         }
-        Ok(())
     })
+}
+
+/// `rlhf logs RUN_DIR`: the logs of an `rlhf run` output folder, followed until its
+/// `job.json` says the job ended.
+fn local_logs(out: PathBuf, options: LogsOptions) -> Result<()> {
+    let record = out.join("job.json");
+    let ended = move || {
+        let record = record.clone();
+        async move {
+            let text = tokio::fs::read_to_string(&record)
+                .await
+                .with_context(|| format!("reading {}", record.display()))?;
+            let job: rlhf_coordinator::state::JobRecord = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not a job record", record.display()))?;
+            Ok(job.state.is_terminal())
+        }
+    };
+    let stream = StreamOptions {
+        follow: options.follow,
+        tail: options.tail as usize,
+    };
+    block(async move {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+        let reader = tokio::spawn(logs::stream(logs::folder(&out), stream, ended, tx));
+        while let Some(l) = rx.recv().await {
+            print_log_line(&l.source, &l.line, options.raw);
+        }
+        reader.await.context("the log reader")?
+    })
+}
+
+/// `[source] line`, a JSON log line made readable unless `raw`.
+fn print_log_line(source: &str, line: &str, raw: bool) {
+    match (raw, logs::readable(line)) {
+        (false, Some(readable)) => println!("[{source}] {readable}"),
+        _ => println!("[{source}] {line}"),
+    }
 }
 
 /// The registered workers and what they run.

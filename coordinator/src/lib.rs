@@ -7,6 +7,7 @@ pub mod controller;
 pub mod data;
 pub mod job;
 pub mod launcher;
+pub mod logs;
 pub mod metrics;
 pub mod pipeline;
 pub mod plot;

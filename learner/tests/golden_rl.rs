@@ -1,16 +1,21 @@
 //! The learner's maths against TRL's own numbers: every case of `RLHF_GOLDEN_RL` (default
-//! `../shared/fixtures/golden_rl.json`). A case kind this file does not know fails the test.
+//! `../shared/fixtures/golden_rl.json`) and of every `*.json` file in `tests/golden/` (same
+//! format, made by `tests/golden/make_golden.py`). A case kind, or a parameter value, this file
+//! does not know fails the test.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 
-use rlhf_learner::algo::grpo::{AdvantageScale, consecutive_groups, group_advantages};
+use rlhf_learner::algo::grpo::{
+    AdvantageScale, MultiObjective, consecutive_groups, multi_objective_advantages,
+};
 use rlhf_learner::algo::kl::{KlController, KlEstimator};
 use rlhf_learner::algo::policy_loss::{
     Aggregation, KlLoss, Normalisation, PolicyBatch, PolicyLossConfig, RatioLevel, policy_loss,
 };
 use rlhf_learner::algo::ppo::{
-    gae, kl_rewards, last_valid_index, masked_gae, sequence_kl_mean, value_loss,
+    AdvantageOptions, kl_rewards, last_valid_index, masked_gae, ppo_advantages, sequence_kl_mean,
+    value_loss,
 };
 use rlhf_learner::algo::stats::{masked_mean, masked_var, masked_whiten, nanstd};
 use rlhf_model::burn::module::Module;
@@ -27,6 +32,20 @@ fn golden_path() -> PathBuf {
     std::env::var_os("RLHF_GOLDEN_RL")
         .map(PathBuf::from)
         .unwrap_or_else(|| fixtures_dir().join("golden_rl.json"))
+}
+
+/// The shared file, then every `*.json` of `tests/golden/` in name order.
+fn golden_files() -> Vec<PathBuf> {
+    let extra = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&extra)
+        .unwrap_or_else(|e| panic!("{}: {e}", extra.display()))
+        .map(|entry| entry.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    assert!(!files.is_empty(), "{}: no golden files", extra.display());
+    files.sort();
+    files.insert(0, golden_path());
+    files
 }
 
 // ---------- JSON helpers (null is NaN) ----------
@@ -92,60 +111,95 @@ fn tracked(values: &[f32], rows: usize, cols: usize) -> Tensor<2> {
 
 #[test]
 fn every_golden_case_matches_trl() {
-    let path = golden_path();
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let golden: Value = serde_json::from_str(&text).unwrap();
-    let cases = golden["cases"].as_array().expect("cases");
-    assert!(!cases.is_empty());
     let mut counts: HashMap<String, usize> = HashMap::new();
-    for case in cases {
-        let kind = case["kind"].as_str().unwrap();
-        let name = case["name"].as_str().unwrap();
-        match kind {
-            "grpo_advantages" => grpo_advantages(case),
-            "grpo_loss" => grpo_loss(case),
-            "grpo_end_to_end" => grpo_end_to_end(case),
-            "helpers" => helpers(case),
-            "ppo_rewards" => ppo_rewards(case),
-            "ppo_gae" => ppo_gae(case),
-            "ppo_loss" if name.starts_with("ppo011") => ppo011_loss(case),
-            "ppo_loss" => ppo029_loss(case),
-            "kl_controller" => kl_controller(case),
-            "ppo_rewards_gae" => ppo_rewards_gae(case),
-            other => panic!("case {name}: kind `{other}` is not implemented by the learner"),
+    let mut names = HashSet::new();
+    for path in golden_files() {
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let golden: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{}: not JSON: {e}", path.display()));
+        let cases = golden["cases"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{}: no `cases` array", path.display()));
+        assert!(!cases.is_empty(), "{}: no cases", path.display());
+        for case in cases {
+            let kind = case["kind"].as_str().expect("case kind");
+            let name = case["name"].as_str().expect("case name");
+            assert!(
+                names.insert(name.to_string()),
+                "case name {name} is not unique"
+            );
+            run_case(kind, name, case);
+            *counts.entry(kind.to_string()).or_default() += 1;
         }
-        *counts.entry(kind.to_string()).or_default() += 1;
+        eprintln!("{}: {} cases", path.display(), cases.len());
     }
     eprintln!("checked golden cases: {counts:?}");
+}
+
+fn run_case(kind: &str, name: &str, case: &Value) {
+    match kind {
+        "grpo_advantages" => grpo_advantages(case),
+        "grpo_loss" => grpo_loss(case),
+        "grpo_end_to_end" => grpo_end_to_end(case),
+        "helpers" => helpers(case),
+        "ppo_rewards" => ppo_rewards(case),
+        "ppo_gae" => ppo_gae(case),
+        // trl 0.11 feeds per-token log-probs and value predictions; trl 0.29 logits and the
+        // value head's raw output.
+        "ppo_loss" if case["inputs"].get("vpred_temp").is_some() => ppo029_loss(case),
+        "ppo_loss" => ppo011_loss(case),
+        "kl_controller" => kl_controller(case),
+        "ppo_rewards_gae" => ppo_rewards_gae(case),
+        other => panic!("case {name}: kind `{other}` is not implemented by the learner"),
+    }
+}
+
+/// TRL's KL estimator names: 0.11 `kl_penalty` (`kl`, `abs`, `mse`, `full`), 0.29 `kl_estimator`
+/// (`k1`, `k3`).
+fn estimator_named(name: &str, case: &str) -> KlEstimator {
+    match name {
+        "kl" | "k1" => KlEstimator::K1,
+        "mse" | "k2" => KlEstimator::K2,
+        "k3" => KlEstimator::K3,
+        "abs" => KlEstimator::Abs,
+        "full" => panic!(
+            "case {case}: kl_penalty `full` needs the full-vocabulary log-probs of both policies; \
+             the learner's rewards see only the sampled tokens' log-probs"
+        ),
+        other => panic!("case {case}: KL estimator `{other}` is not implemented by the learner"),
+    }
 }
 
 fn grpo_advantages(case: &Value) {
     let p = &case["params"];
     let (per_func, n, funcs) = vec2(&case["inputs"]["rewards_per_func"]);
     let weights = vec1(&p["reward_weights"]);
-    // TRL: weighted nansum per sample; a sample no function could score stays NaN.
-    let rewards: Vec<f32> = (0..n)
-        .map(|i| {
-            let row = &per_func[i * funcs..(i + 1) * funcs];
-            if row.iter().all(|v| v.is_nan()) {
-                f32::NAN
-            } else {
-                row.iter()
-                    .zip(&weights)
-                    .filter(|(v, _)| !v.is_nan())
-                    .map(|(v, w)| v * w)
-                    .sum()
-            }
-        })
-        .collect();
+    assert_eq!(weights.len(), funcs, "one weight per reward function");
     let scale = match p["scale_rewards"].as_str().unwrap() {
         "group" => AdvantageScale::Group,
         "batch" => AdvantageScale::Batch,
         "none" => AdvantageScale::None,
         other => panic!("scale_rewards {other}"),
     };
+    // TRL's default when a case does not say.
+    let aggregation = match p["multi_objective_aggregation"]
+        .as_str()
+        .unwrap_or("sum_then_normalize")
+    {
+        "sum_then_normalize" => MultiObjective::SumThenNormalize,
+        "normalize_then_sum" => MultiObjective::NormalizeThenSum,
+        other => panic!("multi_objective_aggregation {other}"),
+    };
     let groups = consecutive_groups(n, p["num_generations"].as_u64().unwrap() as usize);
-    let got = group_advantages(&rewards, &groups, scale, num(&p["std_epsilon"]));
+    let got = multi_objective_advantages(
+        &per_func,
+        &weights,
+        &groups,
+        aggregation,
+        scale,
+        num(&p["std_epsilon"]),
+    );
     close_all(
         case["name"].as_str().unwrap(),
         &got,
@@ -315,11 +369,24 @@ fn grpo_end_to_end(case: &Value) {
         );
     }
 
-    let (config, norm, beta) = loss_config(p);
+    let (config, mut norm, beta) = loss_config(p);
+    if let Some(items) = i.get("num_items_in_batch") {
+        norm.dapo_tokens = num(items) / num(&p["num_processes"]) * norm.grad_accumulation
+            / num(&p["steps_per_generation"]);
+    }
+    // With beta = 0 TRL computes no reference log-probs; a case may then leave them out.
+    let ref_logp = i
+        .get("ref_per_token_logps")
+        .filter(|v| !v.is_null())
+        .map(|v| t2(&vec2(v).0, b, t));
+    assert!(
+        ref_logp.is_some() || beta.unwrap_or(0.0) == 0.0,
+        "{name}: beta != 0 needs ref_per_token_logps"
+    );
     let batch = PolicyBatch {
         logp: out.logprobs,
         old_logp: t2(&vec2(&i["old_per_token_logps"]).0, b, t),
-        ref_logp: Some(t2(&vec2(&i["ref_per_token_logps"]).0, b, t)),
+        ref_logp,
         mask: t2(&mask, b, t),
         advantages: t2(&vec1(&i["advantages"]), b, 1),
     };
@@ -458,10 +525,7 @@ fn helpers(case: &Value) {
 fn ppo_rewards(case: &Value) {
     let name = case["name"].as_str().unwrap();
     let (p, i, o) = (&case["params"], &case["inputs"], &case["outputs"]);
-    assert_eq!(
-        p["kl_penalty"], "kl",
-        "{name}: only the `kl` (k1) penalty is in the fixture"
-    );
+    let estimator = estimator_named(p["kl_penalty"].as_str().expect("kl_penalty"), name);
     let (logp, _, width) = vec2(&i["logprobs"]);
     let (ref_logp, _, _) = vec2(&i["ref_logprobs"]);
     let (mask, _, _) = vec2(&i["masks"]);
@@ -473,7 +537,7 @@ fn ppo_rewards(case: &Value) {
         width,
         &last,
         num(&p["kl_coef"]),
-        KlEstimator::K1,
+        estimator,
     );
     close_all(
         &format!("{name} rewards"),
@@ -821,11 +885,7 @@ fn ppo_rewards_gae(case: &Value) {
     let logp = fill(vec2(&i["logprobs"]).0, &padding, INVALID);
     let ref_logp = fill(vec2(&i["ref_logprobs"]).0, &padding, INVALID);
     let values = fill(vec2(&i["values"]).0, &padding_p1, 0.0);
-    let estimator = match p["kl_estimator"].as_str().unwrap() {
-        "k1" => KlEstimator::K1,
-        "k3" => KlEstimator::K3,
-        other => panic!("kl_estimator {other}"),
-    };
+    let estimator = estimator_named(p["kl_estimator"].as_str().expect("kl_estimator"), name);
     // The score lands one past the last response token when that is inside the window.
     let actual_end: Vec<usize> = seq_len
         .iter()
@@ -837,7 +897,7 @@ fn ppo_rewards_gae(case: &Value) {
             }
         })
         .collect();
-    let mut out = kl_rewards(
+    let out = kl_rewards(
         &scores,
         &logp,
         &ref_logp,
@@ -846,17 +906,18 @@ fn ppo_rewards_gae(case: &Value) {
         num(&p["kl_coef"]),
         estimator,
     );
+    // What `prepare_ppo` calls, with TRL's two masks: rewards are whitened over the response
+    // and its score position (~padding_mask_p1), advantages over the response (~padding_mask).
     let valid_p1: Vec<f32> = padding_p1.iter().map(|m| 1.0 - m).collect();
-    if p["whiten_rewards"].as_bool().unwrap() {
-        out.rewards = fill(
-            masked_whiten(&out.rewards, &valid_p1, false),
-            &padding_p1,
-            0.0,
-        );
-    }
-    let g = gae(&values, &out.rewards, t, num(&p["gamma"]), num(&p["lam"]));
     let valid: Vec<f32> = padding.iter().map(|m| 1.0 - m).collect();
-    let advantages = fill(masked_whiten(&g.advantages, &valid, true), &padding, 0.0);
+    let options = AdvantageOptions {
+        gamma: num(&p["gamma"]),
+        lambda: num(&p["lam"]),
+        whiten_rewards: p["whiten_rewards"].as_bool().expect("whiten_rewards"),
+        whiten_advantages: true,
+    };
+    let g = ppo_advantages(&values, &out.rewards, &valid_p1, &valid, t, &options)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
 
     let flags = |v: &[bool]| v.iter().map(|&b| b as u8 as f32).collect::<Vec<_>>();
     close_all(
@@ -892,12 +953,12 @@ fn ppo_rewards_gae(case: &Value) {
     close_all(&format!("{name} actual_end"), &end, &vec1(&o["actual_end"]));
     close_all(
         &format!("{name} rewards"),
-        &out.rewards,
+        &g.rewards,
         &vec2(&o["rewards"]).0,
     );
     close_all(
         &format!("{name} advantages"),
-        &advantages,
+        &g.advantages,
         &vec2(&o["advantages"]).0,
     );
     close_all(

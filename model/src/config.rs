@@ -329,7 +329,8 @@ impl ModelConfig {
             _ => None,
         };
 
-        let dtype = match f.str_opt("torch_dtype")?.or(f.str_opt("dtype")?) {
+        // transformers 5 prefers `dtype` over the older `torch_dtype` when both are set.
+        let dtype = match f.str_opt("dtype")?.or(f.str_opt("torch_dtype")?) {
             None => DType::F32,
             Some(s) => DType::parse(s).ok_or_else(|| {
                 f.err(
@@ -425,6 +426,7 @@ impl ModelConfig {
             "bos_token_id": dims.bos_token_id,
             "eos_token_id": dims.eos_token_id,
             "pad_token_id": dims.pad_token_id,
+            "dtype": "float32",
             "torch_dtype": "float32",
         });
         let Value::Object(map) = map else {
@@ -446,6 +448,11 @@ impl ModelConfig {
     }
 
     /// The `config.json` to write next to saved weights of the given dtype.
+    ///
+    /// Starts from the file as read ([`ModelConfig::raw`]) and writes every resolved value back
+    /// over it, so the file always describes the weights beside it (a field changed in code is
+    /// not silently lost) and carries every key `transformers` needs for the architecture
+    /// (checked by [`crate::hf::check_folder`]). Keys the crate does not use are kept.
     pub fn to_hf_json(&self, dtype: DType) -> Value {
         let mut map = self.raw.clone();
         map.insert("architectures".into(), json!([self.architecture.name()]));
@@ -453,14 +460,72 @@ impl ModelConfig {
             "model_type".into(),
             json!(self.architecture.family.model_type()),
         );
-        map.insert("torch_dtype".into(), json!(dtype.torch_name()));
-        if map.contains_key("dtype") {
-            map.insert("dtype".into(), json!(dtype.torch_name()));
+        // transformers 5 reads `dtype`, older versions `torch_dtype`: `dtype` always, and
+        // `torch_dtype` updated where the file had it, so the two never disagree.
+        map.insert("dtype".into(), json!(dtype.torch_name()));
+        if map.contains_key("torch_dtype") {
+            map.insert("torch_dtype".into(), json!(dtype.torch_name()));
         }
         map.insert(
             "tie_word_embeddings".into(),
             json!(self.tie_word_embeddings),
         );
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            map.insert(key.into(), json!(value));
+        }
+        if map.contains_key("head_dim") || self.head_dim * self.num_heads != self.hidden_size {
+            map.insert("head_dim".into(), json!(self.head_dim));
+        }
+        map.insert("rms_norm_eps".into(), json!(self.rms_norm_eps));
+        // rope_theta at the top level (transformers < 5) and/or in rope_parameters (5).
+        let top_level = map.contains_key("rope_theta");
+        match map.get_mut("rope_parameters") {
+            Some(Value::Object(params)) => {
+                params.insert("rope_theta".into(), json!(self.rope.theta));
+                if top_level {
+                    map.insert("rope_theta".into(), json!(self.rope.theta));
+                }
+            }
+            _ => {
+                map.insert("rope_theta".into(), json!(self.rope.theta));
+            }
+        }
+        let id = |id: Option<u32>| id.map_or(Value::Null, |id| json!(id));
+        if self.bos_token_id.is_some() || map.contains_key("bos_token_id") {
+            map.insert("bos_token_id".into(), id(self.bos_token_id));
+        }
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => json!(one),
+            many => json!(many),
+        };
+        map.insert("eos_token_id".into(), eos);
+        if self.pad_token_id.is_some() || map.contains_key("pad_token_id") {
+            map.insert("pad_token_id".into(), id(self.pad_token_id));
+        }
+        match self.architecture.family {
+            Family::Llama => {
+                if self.qkv_bias || map.contains_key("attention_bias") {
+                    map.insert("attention_bias".into(), json!(self.qkv_bias));
+                }
+                if self.mlp_bias || map.contains_key("mlp_bias") {
+                    map.insert("mlp_bias".into(), json!(self.mlp_bias));
+                }
+            }
+            Family::Mistral => {
+                let window = self.sliding_window.map_or(Value::Null, |w| json!(w));
+                map.insert("sliding_window".into(), window);
+            }
+            Family::Qwen2 => {}
+        }
         match self.architecture.head {
             HeadKind::CausalLm => {
                 map.remove("id2label");
@@ -477,6 +542,31 @@ impl ModelConfig {
                 map.insert("id2label".into(), Value::Object(id2label));
                 map.insert("label2id".into(), Value::Object(label2id));
             }
+        }
+        Value::Object(map)
+    }
+}
+
+impl ModelConfig {
+    /// The `generation_config.json` `transformers` derives from a model config that has none
+    /// (`GenerationConfig.from_model_config`): the BOS, EOS and padding ids.
+    pub fn generation_config_json(&self) -> Value {
+        let mut map = Map::new();
+        map.insert("_from_model_config".into(), json!(true));
+        if let Some(bos) = self.bos_token_id {
+            map.insert("bos_token_id".into(), json!(bos));
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [one] => {
+                map.insert("eos_token_id".into(), json!(one));
+            }
+            many => {
+                map.insert("eos_token_id".into(), json!(many));
+            }
+        }
+        if let Some(pad) = self.pad_token_id {
+            map.insert("pad_token_id".into(), json!(pad));
         }
         Value::Object(map)
     }
@@ -727,10 +817,44 @@ mod tests {
         let c = parse(base()).unwrap().with_head(HeadKind::Score);
         let out = c.to_hf_json(DType::BF16);
         assert_eq!(out["architectures"][0], "LlamaForSequenceClassification");
-        assert_eq!(out["torch_dtype"], "bfloat16");
+        // transformers 5's key always; the older `torch_dtype` only where the file had it.
+        assert_eq!(out["dtype"], "bfloat16");
+        assert!(out.get("torch_dtype").is_none());
         assert_eq!(out["id2label"]["0"], "LABEL_0");
         let again = parse(out).unwrap();
         assert_eq!(again.architecture.head, HeadKind::Score);
         assert_eq!(again.dtype, DType::BF16);
+        let both = parse(with(base(), "torch_dtype", json!("float32"))).unwrap();
+        let out = both.to_hf_json(DType::F16);
+        assert_eq!(
+            (&out["dtype"], &out["torch_dtype"]),
+            (&json!("float16"), &json!("float16"))
+        );
+    }
+
+    #[test]
+    fn dtype_wins_over_torch_dtype_as_in_transformers() {
+        let v = with(base(), "torch_dtype", json!("float32"));
+        let c = parse(with(v, "dtype", json!("bfloat16"))).unwrap();
+        assert_eq!(c.dtype, DType::BF16);
+    }
+
+    #[test]
+    fn writes_the_keys_transformers_needs_for_a_minimal_config() {
+        let out = parse(base()).unwrap().to_hf_json(DType::F32);
+        for key in [
+            "model_type",
+            "max_position_embeddings",
+            "rope_theta",
+            "tie_word_embeddings",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "eos_token_id",
+            "dtype",
+        ] {
+            assert!(out.get(key).is_some_and(|v| !v.is_null()), "{key} in {out}");
+        }
+        assert_eq!(out["rope_theta"], 10000.0);
+        assert_eq!(out["tie_word_embeddings"], false);
     }
 }

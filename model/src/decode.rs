@@ -79,7 +79,8 @@ pub struct GenerationRequest {
 pub struct Generation {
     /// Generated ids, including the stop token when there was one.
     pub tokens: Vec<u32>,
-    /// Log-prob of each generated token under its sampling distribution (see [`sample`]).
+    /// Log-prob of each generated token under the full softmax at the sampling temperature
+    /// (see [`sample`]).
     pub logprobs: Vec<f32>,
     pub finish_reason: FinishReason,
 }

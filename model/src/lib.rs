@@ -21,6 +21,7 @@ pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod generate;
+pub mod hf;
 pub mod host;
 pub mod kv_cache;
 pub mod llama;

@@ -52,10 +52,12 @@ impl SamplingParams {
 
 /// The chosen token and its log-prob.
 ///
-/// For sampling, the log-prob is under the distribution the token was drawn from: logits divided
-/// by the temperature, restricted to the top-k / top-p set and renormalised. For greedy decoding
-/// (a point mass, whose log-prob would always be 0) it is the log-prob under the model's
-/// untempered distribution, which is what a caller scoring greedy outputs wants.
+/// The token is drawn from the logits divided by the temperature, restricted to the top-k / top-p
+/// set and renormalised, but its log-prob is under the full softmax at the same temperature,
+/// `log_softmax(logits / T)[token]`: what the learner recomputes, so importance ratios compare
+/// like with like (verl's and TRL's importance-sampling correction take the same convention).
+/// For greedy decoding (a point mass, whose log-prob would always be 0) it is the log-prob under
+/// the model's untempered distribution, which is what a caller scoring greedy outputs wants.
 pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> (u32, f32) {
     if params.temperature == 0.0 {
         let best = argmax(logits);
@@ -94,7 +96,9 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut ChaCha8Rng) -> 
             break;
         }
     }
-    (chosen.0 as u32, (chosen.1 / total).ln() as f32)
+    // Full softmax, not `chosen.1 / total`: the truncated set's renormalisation is not returned.
+    let lp = log_softmax_at(logits, chosen.0, params.temperature as f64);
+    (chosen.0 as u32, lp)
 }
 
 /// Tokens surviving top-k then top-p, most likely first, with unnormalised weights
@@ -211,22 +215,18 @@ mod tests {
         };
         for _ in 0..50 {
             let (t, lp) = sample(&logits, &k1, &mut r);
-            assert_eq!((t, lp), (0, 0.0));
+            assert_eq!((t, lp), (0, log_softmax_at(&logits, 0, 1.0)));
         }
         let p = SamplingParams {
             top_p: 0.8,
             ..Default::default()
         };
-        // p(0) = 0.665, p(0)+p(1) = 0.91 >= 0.8: tokens 0 and 1 only.
+        // p(0) = 0.665, p(0)+p(1) = 0.91 >= 0.8: tokens 0 and 1 only; the log-prob is the full
+        // softmax's, not the renormalised one's.
         for _ in 0..200 {
             let (t, lp) = sample(&logits, &p, &mut r);
             assert!(t < 2);
-            let renorm = if t == 0 {
-                1.0 / (1.0 + (-1.0f64).exp())
-            } else {
-                1.0 / (1.0 + 1.0f64.exp())
-            };
-            assert!((lp as f64 - renorm.ln()).abs() < 1e-6);
+            assert!((lp - log_softmax_at(&logits, t as usize, 1.0)).abs() < 1e-7);
         }
     }
 

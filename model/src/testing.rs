@@ -36,6 +36,28 @@ pub fn fixture_models() -> Vec<PathBuf> {
     dirs
 }
 
+/// The model crate's own reference fixtures, `model/tests/fixtures` (made with `transformers`
+/// by the scripts in that folder; see its README).
+pub fn crate_fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// Every model folder with a `config.json` and a `reference.json` under [`fixtures_dir`] and
+/// under [`crate_fixtures_dir`], sorted.
+pub fn all_fixture_models() -> Vec<PathBuf> {
+    let mut dirs = fixture_models();
+    let own = crate_fixtures_dir();
+    assert!(own.is_dir(), "{} not found", own.display());
+    dirs.extend(
+        std::fs::read_dir(&own)
+            .expect("model/tests/fixtures is readable")
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("reference.json").is_file() && p.join("config.json").is_file()),
+    );
+    dirs.sort();
+    dirs
+}
+
 /// Reads a fixture's `reference.json`.
 pub fn reference(dir: &Path) -> serde_json::Value {
     let path = dir.join("reference.json");

@@ -290,6 +290,11 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "special_tokens_map.json",
     "chat_template.jinja",
     "generation_config.json",
+    // The slow tokenizer's files, for tools that read them instead of tokenizer.json.
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
 ];
 
 /// Copies the tokenizer files that exist in `from` into `to`.

@@ -504,16 +504,41 @@ impl Model {
         std::fs::write(&path, config).map_err(|e| ModelError::io(&path, e))
     }
 
-    /// [`Model::save`] plus the tokenizer files of the folder `tokenizer_from`: a model folder
-    /// that loads on its own.
+    /// [`Model::save`] plus the tokenizer files of the folder `tokenizer_from` and a
+    /// `generation_config.json`: a model folder that loads on its own, here and in
+    /// `transformers`.
+    ///
+    /// `tokenizer_from` must hold a `tokenizer.json`. Its `generation_config.json` is copied when
+    /// it has one; otherwise one is written from this model's token ids, as `transformers` does
+    /// when it saves a model without one. The written folder is then checked with
+    /// [`crate::hf::check_folder`], and each problem found is logged as a warning.
     pub fn save_with_tokenizer(
         &self,
         dir: &Path,
         options: &SaveOptions,
         tokenizer_from: &Path,
     ) -> Result<()> {
+        let tokenizer = tokenizer_from.join("tokenizer.json");
+        if !tokenizer.is_file() {
+            return Err(ModelError::Tokenizer(format!(
+                "{}: file not found; a saved model needs the tokenizer it was trained with",
+                tokenizer.display()
+            )));
+        }
         self.save(dir, options)?;
-        crate::tokenizer::copy_tokenizer_files(tokenizer_from, dir)
+        crate::tokenizer::copy_tokenizer_files(tokenizer_from, dir)?;
+        if !tokenizer_from.join("generation_config.json").is_file() {
+            let path = dir.join("generation_config.json");
+            let text = serde_json::to_string_pretty(&self.config.generation_config_json())
+                .expect("a JSON value serialises");
+            std::fs::write(&path, text).map_err(|e| ModelError::io(&path, e))?;
+        }
+        if let Err(problems) = crate::hf::check_folder(dir) {
+            for problem in problems {
+                tracing::warn!(dir = %dir.display(), "saved model folder: {problem}");
+            }
+        }
+        Ok(())
     }
 }
 

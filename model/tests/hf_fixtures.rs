@@ -1,15 +1,20 @@
-//! Checked against Hugging Face: every model folder of the fixtures (RLHF_FIXTURES_DIR) must
-//! give transformers' logits, log-probs, entropies, greedy ids, scores and token ids.
+//! Checked against Hugging Face: every model folder of the fixtures (RLHF_FIXTURES_DIR, and the
+//! crate's own model/tests/fixtures) must give transformers' logits, log-probs, entropies, greedy
+//! ids, scores and token ids.
 //!
 //! Data-driven: the tests iterate over whatever folders and cases they find, so they run
-//! unchanged on any fixture set of the same format.
+//! unchanged on any fixture set of the same format. Each test then checks that it covered every
+//! folder whose reference.json holds its kind of data, found by listing the folders again without
+//! any other filter: a folder skipped by mistake (a config read as the wrong head, a filter that
+//! is too strict) fails the test instead of passing it vacuously.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 use rlhf_model::batch::TokenBatch;
 use rlhf_model::host::to_vec;
 use rlhf_model::logprobs::rows_to_host;
-use rlhf_model::testing::{fixture_models, reference};
+use rlhf_model::testing::{all_fixture_models, crate_fixtures_dir, fixtures_dir, reference};
 use rlhf_model::{
     GenerationParams, GenerationRequest, HeadKind, Model, ModelConfig, SamplingParams, Tokenizer,
     device,
@@ -50,8 +55,28 @@ fn assert_close(what: &str, ours: &[f32], theirs: &[f32]) {
     );
 }
 
-fn models_with_head(head: HeadKind) -> Vec<std::path::PathBuf> {
-    fixture_models()
+/// Every folder with a `reference.json` whose top level has `key` (`cases` for causal LMs,
+/// `pairs` for reward models, `tokenizer_check` for all), under both fixture roots.
+fn folders_with(key: &str) -> BTreeSet<PathBuf> {
+    [fixtures_dir(), crate_fixtures_dir()]
+        .iter()
+        .flat_map(|root| std::fs::read_dir(root).unwrap().map(|e| e.unwrap().path()))
+        .filter(|d| d.join("reference.json").is_file() && reference(d).get(key).is_some())
+        .collect()
+}
+
+/// Fails unless `tested` is every folder whose reference.json has `key`.
+fn assert_covered(test: &str, key: &str, tested: &BTreeSet<PathBuf>) {
+    let expected = folders_with(key);
+    assert!(!expected.is_empty(), "{test}: no fixture has `{key}`");
+    assert_eq!(
+        tested, &expected,
+        "{test}: the folders tested differ from the folders whose reference.json has `{key}`"
+    );
+}
+
+fn models_with_head(head: HeadKind) -> Vec<PathBuf> {
+    all_fixture_models()
         .into_iter()
         .filter(|d| {
             ModelConfig::from_path(d)
@@ -80,8 +105,9 @@ fn last_logits(model: &Model, batch: &TokenBatch) -> Vec<Vec<f32>> {
 #[test]
 fn causal_lm_logits_logprobs_entropy_match_transformers() {
     let dirs = models_with_head(HeadKind::CausalLm);
-    assert!(!dirs.is_empty(), "no causal LM fixtures");
+    let mut tested = BTreeSet::new();
     for dir in dirs {
+        tested.insert(dir.clone());
         let model = load(&dir);
         let reference = reference(&dir);
         let cases = reference["cases"].as_array().expect("cases");
@@ -124,11 +150,14 @@ fn causal_lm_logits_logprobs_entropy_match_transformers() {
             }
         }
     }
+    assert_covered("logits", "cases", &tested);
 }
 
 #[test]
 fn batched_logprobs_equal_one_at_a_time() {
+    let mut tested = BTreeSet::new();
     for dir in models_with_head(HeadKind::CausalLm) {
+        tested.insert(dir.clone());
         let model = load(&dir);
         let reference = reference(&dir);
         let cases = reference["cases"].as_array().unwrap();
@@ -155,11 +184,14 @@ fn batched_logprobs_equal_one_at_a_time() {
             );
         }
     }
+    assert_covered("batched log-probs", "cases", &tested);
 }
 
 #[test]
 fn greedy_generation_matches_transformers() {
+    let mut tested = BTreeSet::new();
     for dir in models_with_head(HeadKind::CausalLm) {
+        tested.insert(dir.clone());
         let model = load(&dir);
         let reference = reference(&dir);
         let cases = reference["cases"].as_array().unwrap();
@@ -194,11 +226,14 @@ fn greedy_generation_matches_transformers() {
             );
         }
     }
+    assert_covered("greedy", "cases", &tested);
 }
 
 #[test]
 fn left_padded_batch_equals_unpadded_prompts() {
+    let mut tested = BTreeSet::new();
     for dir in models_with_head(HeadKind::CausalLm) {
+        tested.insert(dir.clone());
         let model = load(&dir);
         let reference = reference(&dir);
         let lp = &reference["left_padded_batch"];
@@ -237,13 +272,15 @@ fn left_padded_batch_equals_unpadded_prompts() {
             );
         }
     }
+    assert_covered("left padding", "left_padded_batch", &tested);
 }
 
 #[test]
 fn reward_model_scores_match_transformers() {
     let dirs = models_with_head(HeadKind::Score);
-    assert!(!dirs.is_empty(), "no sequence-classification fixtures");
+    let mut tested = BTreeSet::new();
     for dir in dirs {
+        tested.insert(dir.clone());
         let model = load(&dir);
         let reference = reference(&dir);
         let pairs = reference["pairs"].as_array().expect("pairs");
@@ -309,11 +346,14 @@ fn reward_model_scores_match_transformers() {
             .collect();
         assert_close("right-padded batch", &read, &floats(&rp["scores"]));
     }
+    assert_covered("reward scores", "pairs", &tested);
 }
 
 #[test]
 fn tokenizers_match_transformers() {
-    for dir in fixture_models() {
+    let mut tested = BTreeSet::new();
+    for dir in all_fixture_models() {
+        tested.insert(dir.clone());
         let tokenizer = Tokenizer::from_dir(&dir).unwrap();
         let reference = reference(&dir);
         let strings = reference["tokenizer_check"]["strings"]
@@ -337,7 +377,15 @@ fn tokenizers_match_transformers() {
             let prompt = tokenizer
                 .encode(case["prompt"].as_str().unwrap(), true)
                 .unwrap();
-            assert_eq!(prompt, ids(&case["prompt_ids"]));
+            assert_eq!(prompt, ids(&case["prompt_ids"]), "{}", dir.display());
+            if let Some(decoded) = case["decode_check"].as_str() {
+                assert_eq!(
+                    tokenizer.decode(&prompt, true).unwrap(),
+                    decoded,
+                    "{}: decode without special tokens",
+                    dir.display()
+                );
+            }
             let cont = tokenizer
                 .encode(case["continuation"].as_str().unwrap(), false)
                 .unwrap();
@@ -350,4 +398,21 @@ fn tokenizers_match_transformers() {
             assert_eq!(got, ids(&pair["input_ids"]), "{}: pair text", dir.display());
         }
     }
+    assert_covered("tokenizers", "tokenizer_check", &tested);
+}
+
+/// The crate's own fixtures hold the Mistral checkpoint (RLHF_FIXTURES_DIR may point at any
+/// fixture set, but Mistral is compared with transformers only through this one).
+#[test]
+fn crate_fixtures_hold_a_mistral_checkpoint() {
+    let archs: BTreeSet<String> = all_fixture_models()
+        .iter()
+        .filter(|d| d.starts_with(crate_fixtures_dir()))
+        .map(|d| ModelConfig::from_path(d).unwrap().architecture.name())
+        .collect();
+    assert!(
+        archs.contains("MistralForCausalLM"),
+        "no MistralForCausalLM in {}: {archs:?}",
+        crate_fixtures_dir().display()
+    );
 }

@@ -1,4 +1,4 @@
-//! The job API (`JobService`): submit, get, list, cancel, watch.
+//! The job API (`JobService`): submit, get, list, cancel, watch, logs.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -6,6 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use rlhf_proto::v1;
 use rlhf_proto::v1::job_service_server::JobService;
 use tokio::sync::mpsc;
@@ -14,6 +15,7 @@ use tonic::{Request, Response, Status};
 
 use super::coordinator::{Coordinator, JOBS, StoredJob, internal};
 use crate::job::JobSpec;
+use crate::logs;
 use crate::state::{JobRecord, JobState, now};
 use crate::store::StateStore;
 
@@ -26,12 +28,56 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Sen
 impl JobService for JobApi {
     type LogsStream = Pin<Box<dyn Stream<Item = Result<v1::LogLine, Status>> + Send>>;
 
-    // Placeholder until the log service lands in this same change.
+    /// The job's log lines (see [`crate::logs`]): read from its output folder's `logs/`, on the
+    /// filesystem this coordinator shares with the job's workers.
+    #[tracing::instrument(skip_all, name = "jobs.logs")]
     async fn logs(
         &self,
-        _request: Request<v1::LogsRequest>,
+        request: Request<v1::LogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        Err(Status::unimplemented("Logs"))
+        let r = request.into_inner();
+        let c = self.0.clone();
+        let job = c
+            .load(&r.id)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("no job `{}`", r.id)))?;
+        let options = logs::StreamOptions {
+            follow: r.follow,
+            tail: r.tail as usize,
+        };
+        let id = r.id;
+        // Ended: a final state, or a record that is gone.
+        let ended = move || {
+            let (c, id) = (c.clone(), id.clone());
+            async move {
+                let job = c.load(&id).await?;
+                Ok(job.is_none_or(|j| j.record.state.is_terminal()))
+            }
+        };
+        let (tx, rx) = mpsc::channel(256);
+        let reader = tokio::spawn(logs::stream(
+            logs::folder(&job.output_dir),
+            options,
+            ended,
+            tx,
+        ));
+        let lines = tokio_stream::wrappers::ReceiverStream::new(rx).map(|l| {
+            Ok(v1::LogLine {
+                source: l.source,
+                line: l.line,
+            })
+        });
+        // After the last line: the reader's failure, if it failed.
+        let end = futures::stream::once(async move {
+            match reader.await {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(Err(internal(e))),
+                Err(e) => Some(Err(Status::internal(format!("the log reader: {e}")))),
+            }
+        })
+        .filter_map(std::future::ready);
+        Ok(Response::new(Box::pin(lines.chain(end))))
     }
 
     #[tracing::instrument(skip_all, name = "jobs.submit")]

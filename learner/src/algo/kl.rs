@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 
 /// Per-token estimators of KL(π ‖ π_ref) from samples of π, with `log_r = log π_ref − log π`
-/// (Schulman, "Approximating KL divergence", 2020).
+/// (Schulman, "Approximating KL divergence", 2020). TRL's names: 0.11 `kl_penalty` `kl` = k1,
+/// `mse` = k2, `abs`; 0.29 `kl_estimator` `k1`, `k3`; GRPO's KL term is k3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum KlEstimator {
@@ -13,6 +14,8 @@ pub enum KlEstimator {
     K2,
     /// `exp(log_r) − 1 − log_r`: unbiased and ≥ 0.
     K3,
+    /// `|log_r|` (trl 0.11.4 `PPOTrainer._kl_penalty`, `kl_penalty = "abs"`): ≥ 0, biased.
+    Abs,
 }
 
 impl KlEstimator {
@@ -23,6 +26,7 @@ impl KlEstimator {
             KlEstimator::K1 => -log_r,
             KlEstimator::K2 => 0.5 * log_r * log_r,
             KlEstimator::K3 => log_r.exp() - 1.0 - log_r,
+            KlEstimator::Abs => log_r.abs(),
         }
     }
 }
@@ -87,6 +91,8 @@ mod tests {
         let k3 = KlEstimator::K3.estimate(-1.0, -1.5);
         assert!((k3 - ((-0.5f32).exp() - 1.0 + 0.5)).abs() < 1e-7);
         assert!(k3 >= 0.0);
+        assert!((KlEstimator::Abs.estimate(-1.0, -1.5) - 0.5).abs() < 1e-7);
+        assert!((KlEstimator::Abs.estimate(-1.5, -1.0) - 0.5).abs() < 1e-7);
     }
 
     #[test]

@@ -127,6 +127,7 @@ pub fn kl_tensor(estimator: KlEstimator, logp: Tensor<2>, ref_logp: Tensor<2>) -
         KlEstimator::K1 => log_r.neg(),
         KlEstimator::K2 => log_r.square() * 0.5,
         KlEstimator::K3 => log_r.clone().exp() - log_r - 1.0,
+        KlEstimator::Abs => log_r.abs(),
     }
 }
 
@@ -230,5 +231,31 @@ fn clip_metrics(
         clip_low_min: low_rows.iter().copied().fold(f32::INFINITY, f32::min) as f64,
         clip_high_max: high_rows.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64,
         ratio_mean: masked_token_mean(full(ratio), mask),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rlhf_model::burn::tensor::TensorData;
+
+    #[test]
+    fn kl_tensor_agrees_with_the_host_estimators() {
+        let dev = rlhf_model::device::inference_device().unwrap();
+        let logp = [-1.0f32, -0.2, -3.0, -0.7];
+        let ref_logp = [-1.5f32, -0.1, -2.0, -0.7];
+        let t = |v: &[f32]| Tensor::<2>::from_data(TensorData::new(v.to_vec(), [2, 2]), &dev);
+        for estimator in [
+            KlEstimator::K1,
+            KlEstimator::K2,
+            KlEstimator::K3,
+            KlEstimator::Abs,
+        ] {
+            let got = rlhf_model::host::to_vec(kl_tensor(estimator, t(&logp), t(&ref_logp)));
+            for (k, g) in got.iter().enumerate() {
+                let want = estimator.estimate(logp[k], ref_logp[k]);
+                assert!((g - want).abs() < 1e-6, "{estimator:?}[{k}]: {g} vs {want}");
+            }
+        }
     }
 }

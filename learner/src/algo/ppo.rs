@@ -123,6 +123,79 @@ pub fn masked_gae(
     (values, out)
 }
 
+/// Options of [`ppo_advantages`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdvantageOptions {
+    pub gamma: f64,
+    pub lambda: f64,
+    /// Whiten the per-token rewards before GAE, keeping their mean.
+    pub whiten_rewards: bool,
+    /// Whiten the advantages after GAE.
+    pub whiten_advantages: bool,
+}
+
+/// What [`ppo_advantages`] computed, row-major `[rows, width]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PpoAdvantages {
+    /// The rewards GAE consumed (whitened when asked).
+    pub rewards: Vec<f32>,
+    pub advantages: Vec<f32>,
+    pub returns: Vec<f32>,
+}
+
+/// Steps 5–6 of TRL's PPO rollout (trl 0.29.1 `experimental/ppo/ppo_trainer.py`,
+/// `PPOTrainer.train`) on a padded batch: with `whiten_rewards`,
+/// `r = masked_whiten(r, reward_mask, shift_mean=False)` then 0 outside `reward_mask`; GAE over
+/// every position ([`gae`]; callers zero values and rewards under padding); `returns = A + V`;
+/// with `whiten_advantages`, `A = masked_whiten(A, adv_mask)` then 0 outside `adv_mask`.
+///
+/// Whitening uses the unbiased variance, so a mask with fewer than two ones is an error (TRL
+/// would produce NaN; its trainer asserts a per-rank minibatch of at least 8 for this).
+pub fn ppo_advantages(
+    values: &[f32],
+    rewards: &[f32],
+    reward_mask: &[f32],
+    adv_mask: &[f32],
+    width: usize,
+    options: &AdvantageOptions,
+) -> Result<PpoAdvantages, String> {
+    let count = |m: &[f32]| m.iter().filter(|&&v| v > 0.0).count();
+    let zero_outside = |x: Vec<f32>, m: &[f32]| -> Vec<f32> {
+        x.into_iter()
+            .zip(m)
+            .map(|(v, &m)| if m > 0.0 { v } else { 0.0 })
+            .collect()
+    };
+    let mut rewards = rewards.to_vec();
+    if options.whiten_rewards {
+        let n = count(reward_mask);
+        if n < 2 {
+            return Err(format!(
+                "whiten_rewards: whitening needs at least 2 tokens in the batch, got {n}"
+            ));
+        }
+        rewards = zero_outside(masked_whiten(&rewards, reward_mask, false), reward_mask);
+    }
+    let Gae {
+        mut advantages,
+        returns,
+    } = gae(values, &rewards, width, options.gamma, options.lambda);
+    if options.whiten_advantages {
+        let n = count(adv_mask);
+        if n < 2 {
+            return Err(format!(
+                "whiten_advantages: whitening needs at least 2 tokens in the batch, got {n}"
+            ));
+        }
+        advantages = zero_outside(masked_whiten(&advantages, adv_mask, true), adv_mask);
+    }
+    Ok(PpoAdvantages {
+        rewards,
+        advantages,
+        returns,
+    })
+}
+
 /// Clipped value loss `½ · masked_mean(max((V - R)², (clip(V, V_old ± c) - R)²))` and the share
 /// of tokens where the clipped term was larger.
 ///
@@ -161,6 +234,51 @@ mod tests {
         let out = gae(&values, &rewards, 3, 1.0, 1.0);
         assert_eq!(out.returns, vec![1.0, 1.0, 1.0]);
         assert_eq!(out.advantages, vec![0.5, 0.75, 1.0]);
+    }
+
+    #[test]
+    fn whitened_rewards_keep_their_mean_and_feed_gae() {
+        // Two rows of width 3; the second has one padding position.
+        let values = [0.5, -0.25, 0.125, 0.25, 0.75, 0.0];
+        let rewards = [0.0, -0.5, 2.0, 0.25, 1.0, 0.0];
+        let mask = [1.0, 1.0, 1.0, 1.0, 1.0, 0.0];
+        let mut options = AdvantageOptions {
+            gamma: 0.9,
+            lambda: 0.8,
+            whiten_rewards: false,
+            whiten_advantages: false,
+        };
+        let plain = ppo_advantages(&values, &rewards, &mask, &mask, 3, &options).unwrap();
+        assert_eq!(plain.rewards, rewards);
+        options.whiten_rewards = true;
+        let w = ppo_advantages(&values, &rewards, &mask, &mask, 3, &options).unwrap();
+        // masked_whiten by hand: mean 0.55, unbiased var over the 5 masked values.
+        let valid = [0.0f64, -0.5, 2.0, 0.25, 1.0];
+        let mean = valid.iter().sum::<f64>() / 5.0;
+        let var = valid.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 4.0;
+        let want: Vec<f32> = [0, 1, 2, 3, 4]
+            .iter()
+            .map(|&k| ((valid[k] - mean) / (var + 1e-8).sqrt() + mean) as f32)
+            .chain([0.0])
+            .collect();
+        for (g, e) in w.rewards.iter().zip(&want) {
+            assert!((g - e).abs() < 1e-6, "{:?} vs {want:?}", w.rewards);
+        }
+        let masked_mean: f32 = w.rewards.iter().sum::<f32>() / 5.0;
+        assert!((masked_mean as f64 - mean).abs() < 1e-6);
+        // GAE ran on the whitened rewards, and that changes the advantages.
+        assert_eq!(
+            w.advantages,
+            gae(&values, &w.rewards, 3, 0.9, 0.8).advantages
+        );
+        assert!((w.advantages[0] - plain.advantages[0]).abs() > 1e-3);
+        // Advantage whitening: mean 0 over the mask, 0 outside.
+        options.whiten_advantages = true;
+        let a = ppo_advantages(&values, &rewards, &mask, &mask, 3, &options).unwrap();
+        assert_eq!(a.advantages[5], 0.0);
+        assert!(a.advantages.iter().sum::<f32>().abs() < 1e-5);
+        let err = ppo_advantages(&[0.0], &[1.0], &[1.0], &[1.0], 1, &options).unwrap_err();
+        assert!(err.contains("at least 2"), "{err}");
     }
 
     #[test]
