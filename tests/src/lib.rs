@@ -257,3 +257,20 @@ pub fn rlhf_ok(args: &[&str]) -> String {
     assert!(out.status.success(), "rlhf {args:?} failed:\n{err}");
     err
 }
+
+/// An actor's `Info` (None when it does not answer within 2 s).
+pub fn actor_info(address: &str) -> Option<rlhf_proto::v1::ActorInfo> {
+    use rlhf_proto::client::Timeouts;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    runtime.block_on(async {
+        let timeouts = Timeouts::request(Duration::from_secs(2));
+        let mut c = rlhf_proto::client::actor(address, timeouts).ok()?;
+        c.info(rlhf_proto::v1::ActorInfoRequest {})
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    })
+}

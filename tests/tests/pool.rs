@@ -255,6 +255,62 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
 }
 
 #[test]
+fn an_async_job_on_pool_workers_takes_in_a_replacement_actor() {
+    const STEPS: u64 = 80;
+    let dir = tempfile::tempdir().unwrap();
+    let store = embedded_store(&dir.path().join("state"));
+    let c = pool_coordinator(
+        &store,
+        &dir.path().join("state"),
+        "c1",
+        &["--worker-ttl", "3"],
+    );
+    let url = c.url();
+    let _stable = [
+        Agent::start(&url, "reward", "n1"),
+        Agent::start(&url, "learner", "n1"),
+        Agent::start(&url, "actor", "n2"),
+    ];
+    let doomed = Agent::start(&url, "actor", "n3");
+    let path = job(
+        dir.path(),
+        "async-pool",
+        STEPS,
+        0,
+        "[resources]\nactors = 2\n",
+    );
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "max_new_tokens = 16",
+        "max_new_tokens = 16\nmode = \"async\"\nmax_staleness = 2",
+    );
+    std::fs::write(&path, text).unwrap();
+    let id = submit(&url, &path);
+    let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
+        wait_or_dump(&url, &id, what, Duration::from_secs(120), f)
+    };
+    wait("step 2", &mut || step(&url, &id) >= 2);
+    let (lost, _) = assignment(&url, &id, "actor-1").expect("actor-1 is placed");
+    drop(doomed);
+    let _spare = Agent::start(&url, "actor", "n4");
+    let mut address = String::new();
+    wait("the spare worker to take actor-1", &mut || {
+        assignment(&url, &id, "actor-1").is_some_and(|(w, a)| {
+            address = a["url"].as_str().unwrap_or_default().to_string();
+            w["id"] != lost["id"] && w["node"] == "n4" && a["state"] == "ready"
+        })
+    });
+    // It joins the pipelined generation: it gets weights and generates for later steps.
+    wait("the replacement actor to generate", &mut || {
+        rlhf_tests::actor_info(&address)
+            .is_some_and(|i| i.generated_tokens > 0 && i.weight_version > 0)
+    });
+    assert!(step(&url, &id) < STEPS, "the job must still be running");
+    let done = wait_state(&url, &id, "succeeded", Duration::from_secs(400));
+    let out = PathBuf::from(done["output_dir"].as_str().unwrap());
+    assert_eq!(metric_steps(&out), (1..=STEPS).collect::<Vec<u64>>());
+}
+
+#[test]
 fn data_parallel_learner_ranks_form_their_ring_across_pool_workers() {
     let dir = tempfile::tempdir().unwrap();
     let store = embedded_store(&dir.path().join("state"));
