@@ -68,7 +68,8 @@ impl Actor {
         let request = ValidGenerate::new(r, &self.tokenizer, &self.config)?;
         let scorer = match &request.reward {
             Some(target) => Some(Scorer {
-                client: self.peers.reward(&target.addresses[0])?,
+                replicas: self.peers.rewards(&target.addresses)?,
+                turn: self.peers.reward_turn(),
                 timeout: target.timeout,
             }),
             None => None,

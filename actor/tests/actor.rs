@@ -3,6 +3,7 @@
 //! bad), cancellation, scoring and pushing to in-test reward and learner servers, summaries.
 
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -203,6 +204,12 @@ fn perturbed_chunks(version: u64, scale: f32) -> Vec<v1::WeightChunk> {
 }
 
 fn perturbed(scale: f32) -> Vec<WireTensor> {
+    scaled(scale, DType::BF16)
+}
+
+/// The fixture's weights with every value scaled, encoded as `dtype` (F32 at scale 1: the
+/// fixture's own weights, bit for bit).
+fn scaled(scale: f32, dtype: DType) -> Vec<WireTensor> {
     let model = Model::load(
         &fixtures_dir().join("tiny-llama"),
         &device::inference_device().unwrap(),
@@ -213,10 +220,14 @@ fn perturbed(scale: f32) -> Vec<WireTensor> {
         .into_iter()
         .map(|t| WireTensor {
             name: t.name,
-            dtype: v1::DType::Bf16,
+            dtype: match dtype {
+                DType::F32 => v1::DType::F32,
+                DType::BF16 => v1::DType::Bf16,
+                DType::F16 => v1::DType::F16,
+            },
             shape: t.shape.iter().map(|&d| d as u64).collect(),
             data: rlhf_model::dtype::encode(
-                DType::BF16,
+                dtype,
                 &t.values.iter().map(|v| v * scale).collect::<Vec<_>>(),
             ),
         })
@@ -318,6 +329,19 @@ async fn a_request_whose_client_left_is_cancelled() {
     }
 }
 
+/// One objective: the completion's length in characters.
+fn length_scores(samples: &[v1::Sample]) -> Vec<v1::SampleScores> {
+    samples
+        .iter()
+        .map(|s| match &s.completion {
+            Some(v1::sample::Completion::CompletionText(t)) => v1::SampleScores {
+                values: vec![t.chars().count() as f32],
+            },
+            _ => v1::SampleScores { values: vec![-1.0] },
+        })
+        .collect()
+}
+
 /// An in-test reward server: one objective, the completion's length in characters.
 struct LengthReward;
 
@@ -327,17 +351,7 @@ impl v1::reward_service_server::RewardService for LengthReward {
         &self,
         r: Request<v1::ScoreRequest>,
     ) -> Result<Response<v1::ScoreReply>, Status> {
-        let scores = r
-            .into_inner()
-            .samples
-            .into_iter()
-            .map(|s| match s.completion {
-                Some(v1::sample::Completion::CompletionText(t)) => v1::SampleScores {
-                    values: vec![t.chars().count() as f32],
-                },
-                _ => v1::SampleScores { values: vec![-1.0] },
-            })
-            .collect();
+        let scores = length_scores(&r.into_inner().samples);
         Ok(Response::new(v1::ScoreReply { scores }))
     }
 
@@ -529,4 +543,373 @@ async fn summaries_only_streams_counts_and_rewards_without_the_bulk() {
             (&f.token_ids, &f.logprobs)
         );
     }
+}
+
+/// Behaviour log-probs under top-k / top-p are the tokens' log-probs under the full softmax at
+/// the sampling temperature, as the learner recomputes them (not the truncated, renormalised
+/// distribution they were drawn from).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn truncated_sampling_returns_full_softmax_logprobs() {
+    let actor = start(&[]);
+    let mut c = client(&actor).await;
+    let temperature = 0.7;
+    let mut s = sampling(4, temperature, 16, 21);
+    s.top_k = 5;
+    s.top_p = 0.8;
+    let r = request(
+        vec![
+            text_prompt("a", "The quick brown fox"),
+            text_prompt("b", "Once upon a time"),
+        ],
+        s,
+    );
+    let out = collect(&mut c, r).await.unwrap();
+    assert_eq!(out.len(), 8);
+    let model = Model::load(
+        &fixtures_dir().join("tiny-llama"),
+        &device::inference_device().unwrap(),
+    )
+    .unwrap();
+    let pairs: Vec<(&[u32], &[u32])> = out
+        .iter()
+        .map(|c| (c.prompt_ids.as_slice(), c.token_ids.as_slice()))
+        .collect();
+    let lens: Vec<usize> = out.iter().map(|c| c.token_ids.len()).collect();
+    let scored = model
+        .completion_logprobs(&pairs, temperature as f64)
+        .unwrap();
+    let full = rlhf_model::logprobs::rows_to_host(scored.logprobs, &lens);
+    for (comp, recomputed) in out.iter().zip(&full) {
+        assert_eq!(comp.logprobs.len(), recomputed.len());
+        for (t, (a, b)) in comp.logprobs.iter().zip(recomputed).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-4,
+                "{}#{} token {t}: behaviour log-prob {a}, full log-softmax at T={temperature} {b}",
+                comp.prompt_id,
+                comp.sample_index
+            );
+        }
+    }
+}
+
+/// An in-test reward server replica (length reward) on its own runtime, so that killing it
+/// drops its connections mid-call, as a dead process does.
+struct Replica {
+    address: String,
+    /// (prompt, completion) of every call it answered.
+    answered: Arc<Mutex<Vec<(String, String)>>>,
+    /// Score calls it received, answered or not.
+    received: Arc<AtomicUsize>,
+    /// Told when a call arrives that it will never answer.
+    hung: Arc<tokio::sync::Notify>,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Which Score calls a [`Replica`] answers; the others it holds forever (a stopped process).
+#[derive(Clone, Copy, PartialEq)]
+enum Answers {
+    All,
+    None,
+}
+
+#[derive(Clone)]
+struct ReplicaReward {
+    answers: Answers,
+    answered: Arc<Mutex<Vec<(String, String)>>>,
+    received: Arc<AtomicUsize>,
+    hung: Arc<tokio::sync::Notify>,
+}
+
+fn text_of_prompt(s: &v1::Sample) -> String {
+    match &s.prompt {
+        Some(v1::sample::Prompt::PromptText(t)) => t.clone(),
+        other => panic!("the actor sends text prompts as text, got {other:?}"),
+    }
+}
+
+#[tonic::async_trait]
+impl v1::reward_service_server::RewardService for ReplicaReward {
+    async fn score(
+        &self,
+        r: Request<v1::ScoreRequest>,
+    ) -> Result<Response<v1::ScoreReply>, Status> {
+        self.received.fetch_add(1, Ordering::SeqCst);
+        let hold = match self.answers {
+            Answers::All => false,
+            Answers::None => true,
+        };
+        if hold {
+            self.hung.notify_one();
+            std::future::pending::<()>().await;
+        }
+        let samples = r.into_inner().samples;
+        let scores = length_scores(&samples);
+        let mut answered = self.answered.lock().unwrap();
+        for s in &samples {
+            let completion = match &s.completion {
+                Some(v1::sample::Completion::CompletionText(t)) => t.clone(),
+                other => panic!("completions are scored as text, got {other:?}"),
+            };
+            answered.push((text_of_prompt(s), completion));
+        }
+        Ok(Response::new(v1::ScoreReply { scores }))
+    }
+
+    async fn describe(
+        &self,
+        _r: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::DescribeReply>, Status> {
+        Err(Status::unimplemented("not needed by the actor"))
+    }
+}
+
+impl Replica {
+    fn start(answers: Answers) -> Replica {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let service = ReplicaReward {
+            answers,
+            answered: Arc::default(),
+            received: Arc::default(),
+            hung: Arc::default(),
+        };
+        let (kill, killed) = tokio::sync::oneshot::channel::<()>();
+        let served = service.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let server = tonic::transport::Server::builder()
+                    .add_service(v1::reward_service_server::RewardServiceServer::new(served))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+                tokio::select! {
+                    _ = server => {}
+                    _ = killed => {}
+                }
+            });
+            // Dropping the runtime drops every connection task: open calls break.
+            drop(runtime);
+        });
+        Replica {
+            address,
+            answered: service.answered,
+            received: service.received,
+            hung: service.hung,
+            kill: Some(kill),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops the replica abruptly: listener and connections close, calls in flight break.
+    fn kill(&mut self) {
+        if let Some(kill) = self.kill.take() {
+            let _ = kill.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            thread.join().unwrap();
+        }
+    }
+
+    fn answered(&self) -> Vec<(String, String)> {
+        self.answered.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The (prompt, completion) texts of `out`, sorted, with `prompts` mapping prompt ids to texts.
+fn scored_pairs(out: &[v1::Completion], prompts: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut pairs: Vec<(String, String)> = out
+        .iter()
+        .map(|c| {
+            let (_, text) = prompts.iter().find(|(id, _)| *id == c.prompt_id).unwrap();
+            (text.to_string(), c.text.clone())
+        })
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+/// Every completion is scored with the length reward, and the replicas answered exactly one
+/// Score call per completion between them.
+fn assert_scored_exactly_once(
+    out: &[v1::Completion],
+    prompts: &[(&str, &str)],
+    replicas: &[&Replica],
+) {
+    for c in out {
+        assert!(c.scored, "{}#{} not scored", c.prompt_id, c.sample_index);
+        assert_eq!(c.rewards, vec![c.text.chars().count() as f32]);
+    }
+    let mut answered: Vec<(String, String)> = replicas.iter().flat_map(|r| r.answered()).collect();
+    answered.sort();
+    assert_eq!(
+        answered,
+        scored_pairs(out, prompts),
+        "one answered call per completion"
+    );
+}
+
+const REPLICA_PROMPTS: [(&str, &str); 2] = [("a", "Hello"), ("b", "World")];
+
+fn replica_request(replicas: &[&Replica], samples: u32) -> v1::GenerateRequest {
+    let mut r = request(
+        REPLICA_PROMPTS
+            .iter()
+            .map(|(id, text)| text_prompt(id, text))
+            .collect(),
+        sampling(samples, 1.0, 8, 9),
+    );
+    r.reward_addresses = replicas.iter().map(|r| r.address.clone()).collect();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn score_calls_are_spread_over_every_reward_replica() {
+    let (a, b) = (Replica::start(Answers::All), Replica::start(Answers::All));
+    let actor = start(&[]);
+    let mut c = client(&actor).await;
+    let out = collect(&mut c, replica_request(&[&a, &b], 4))
+        .await
+        .unwrap();
+    assert_eq!(out.len(), 8);
+    assert_scored_exactly_once(&out, &REPLICA_PROMPTS, &[&a, &b]);
+    let (na, nb) = (a.answered().len(), b.answered().len());
+    assert!(na > 0 && nb > 0, "both replicas score: {na} and {nb}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reward_replica_killed_mid_request_hands_its_calls_to_the_other() {
+    // The actor's first Score call goes to `a` (nothing in flight: the first replica's turn);
+    // `a` holds every call it gets until it is killed (so no answer of its can be lost in the
+    // kill, which would rightly be scored again elsewhere).
+    let (mut a, b) = (Replica::start(Answers::None), Replica::start(Answers::All));
+    let actor = start(&[]);
+    let mut c = client(&actor).await;
+    let mut r = replica_request(&[&a, &b], 6);
+    // Far beyond the test's deadline: only the broken connection can move the held call.
+    r.reward_timeout_seconds = 3600.0;
+    let running = tokio::spawn(async move { collect(&mut c, r).await });
+    tokio::time::timeout(Duration::from_secs(120), a.hung.notified())
+        .await
+        .expect("the actor's first Score call reaches replica `a`");
+    a.kill();
+    let out = tokio::time::timeout(Duration::from_secs(120), running)
+        .await
+        .expect("the call held by the killed replica moves to the other")
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.len(), 12);
+    assert!(a.answered().is_empty());
+    // The calls `a` held when it died are scored once, on `b`, like the others.
+    assert_scored_exactly_once(&out, &REPLICA_PROMPTS, &[&a, &b]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stalled_reward_replica_times_out_and_the_other_scores() {
+    // `a` accepts calls and never answers (a stopped process).
+    let (a, b) = (Replica::start(Answers::None), Replica::start(Answers::All));
+    let actor = start(&[]);
+    let mut c = client(&actor).await;
+    let mut r = replica_request(&[&a, &b], 2);
+    r.reward_timeout_seconds = 1.0;
+    let out = collect(&mut c, r).await.unwrap();
+    assert_eq!(out.len(), 4);
+    assert!(
+        a.received.load(Ordering::SeqCst) >= 1,
+        "the actor's first call goes to the first replica"
+    );
+    assert!(a.answered().is_empty());
+    assert_scored_exactly_once(&out, &REPLICA_PROMPTS, &[&a, &b]);
+
+    // When every replica fails its attempts, the request fails, naming them.
+    let mut r = replica_request(&[&a, &b], 1);
+    r.reward_addresses = vec!["http://127.0.0.1:9".into(), "http://127.0.0.1:11".into()];
+    let err = collect(&mut client(&actor).await, r).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().starts_with(
+            "reward servers http://127.0.0.1:9, http://127.0.0.1:11: every replica failed"
+        ),
+        "{}",
+        err.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_last_weight_update_wins_even_at_a_lower_version() {
+    let actor = start(&[]);
+    let mut c = client(&actor).await;
+    let probe = request(
+        vec![text_prompt("p", "The quick brown fox")],
+        sampling(1, 0.0, 12, 0),
+    );
+    let original = collect(&mut c, probe.clone()).await.unwrap();
+    let updater = c.clone();
+    let update = |chunks: Vec<v1::WeightChunk>| {
+        let mut c = updater.clone();
+        async move {
+            c.update_weights(tokio_stream::iter(chunks))
+                .await
+                .unwrap()
+                .into_inner()
+                .version
+        }
+    };
+
+    assert_eq!(update(perturbed_chunks(3, 1.5)).await, 3);
+    let policy = collect(&mut c, probe.clone()).await.unwrap();
+    assert_eq!(policy[0].weight_version, 3);
+    assert_ne!(policy[0].token_ids, original[0].token_ids);
+
+    // The reference policy (the fixture's own weights) as version 0 replaces version 3.
+    assert_eq!(
+        update(to_chunks(&scaled(1.0, DType::F32), 0, 3000)).await,
+        0
+    );
+    let info = c.info(v1::ActorInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.weight_version, 0);
+    let reference = collect(&mut c, probe.clone()).await.unwrap();
+    assert_eq!(reference[0].weight_version, 0);
+    assert_eq!(
+        reference[0].token_ids, original[0].token_ids,
+        "version 0 is in use"
+    );
+
+    // A request for version 1 or later waits until the policy is back.
+    let mut later = probe.clone();
+    later.min_weight_version = 1;
+    let mut waiting_client = client(&actor).await;
+    let waiting = tokio::spawn(async move { collect(&mut waiting_client, later).await });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = c.info(v1::ActorInfoRequest {}).await.unwrap().into_inner();
+        if info.waiting_sequences == 1 {
+            assert_eq!(info.running_sequences, 0, "{info:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the request never queued: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!waiting.is_finished(), "it does not run on version 0");
+    assert_eq!(update(perturbed_chunks(1, 1.5)).await, 1);
+    let out = waiting.await.unwrap().unwrap();
+    assert_eq!(out[0].weight_version, 1);
+    assert_eq!(
+        out[0].token_ids, policy[0].token_ids,
+        "the policy's weights again"
+    );
 }

@@ -40,7 +40,9 @@ pub struct WorkerArgs {
     /// workers, so their allocation ends with the job).
     #[arg(long, value_name = "SECS")]
     exit_when_idle: Option<u64>,
-    /// Pool worker: accelerators it may use (e.g. `cuda:0,cuda:1`).
+    /// Pool worker: devices it shares out, one per process while there are enough: `cpu`, or
+    /// `cuda:ID` (a GPU number or UUID; the process sees that GPU alone, as `cuda:0`:
+    /// `CUDA_VISIBLE_DEVICES=ID RLHF_DEVICE=cuda:0`), e.g. `cuda:0,cuda:1`.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// The role's own arguments (see `actor --help`, `learner --help`, `reward-server --help`).

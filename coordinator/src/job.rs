@@ -443,6 +443,7 @@ impl JobSpec {
                 p.push(format!("{field}: must be at least 1"));
             }
         }
+        p.extend(crate::launcher::devices_problems(&res.devices));
         let q = self.rewards.reference_quantile;
         if !(0.0 < q && q < 1.0) {
             p.push(format!(
@@ -694,6 +695,7 @@ samples_per_prompt = 1
 temperature = 0.0
 [resources]
 actors = 0
+devices = ["cpu", "gpu0"]
 "#;
         let errors = JobSpec::from_toml(text, Path::new("/jobs/job.toml")).unwrap_err();
         let all = errors.join("\n");
@@ -713,6 +715,7 @@ actors = 0
             "rollout.samples_per_prompt",
             "rollout.temperature",
             "resources.actors",
+            "resources.devices[1]",
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }

@@ -457,9 +457,12 @@ impl Pool {
     }
 
     /// Places a gang — one process per entry of `roles`, each on a worker of that role with
-    /// free capacity — or nothing: `Ok(None)` when the pool is too small right now. `build`
-    /// makes the commands (in `roles`' order) once the workers are chosen, so they can name
-    /// each other (a learner ring's peers). One placement at a time (see `placing`).
+    /// free capacity — or nothing: `Ok(None)` when the pool is too small right now. A gang's
+    /// processes of one role are spread over that role's workers (the one holding fewest of
+    /// them, then the one with most room), so replicas and ranks do not all die with one
+    /// worker. `build` makes the commands (in `roles`' order) once the workers are chosen, so
+    /// they can name each other (a learner ring's peers). One placement at a time (see
+    /// `placing`).
     pub async fn place(
         &self,
         job: &str,
@@ -471,9 +474,18 @@ impl Pool {
         let mut free = self.free().await?;
         let (mut chosen, mut leases) = (Vec::new(), Vec::new());
         for role in roles {
-            let slot = free
-                .get_mut(*role)
-                .and_then(|candidates| candidates.iter_mut().find(|f| f.left > 0));
+            let slot = free.get_mut(*role).and_then(|candidates| {
+                candidates
+                    .iter_mut()
+                    .filter(|f| f.left > 0)
+                    .min_by_key(|f| {
+                        let mine = chosen
+                            .iter()
+                            .filter(|c: &&Chosen| c.worker == f.worker.id)
+                            .count();
+                        (mine, std::cmp::Reverse(f.left))
+                    })
+            });
             let Some(slot) = slot else {
                 return Ok(None);
             };
@@ -628,47 +640,94 @@ impl Pool {
         Ok(true)
     }
 
-    /// Restarts a placement with `args` ([`Pool::reassign`]), waiting up to `timeout` for a
-    /// worker when none is free, then for the process to be ready; returns its URL.
-    async fn restart(
-        &self,
-        p: &mut Placement,
-        args: &[String],
-        timeout: Duration,
-    ) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        while !self.reassign(p, args).await? {
-            if Instant::now() >= deadline {
-                bail!(
-                    "no {} worker registered within {timeout:?} to replace {}",
-                    p.spec.role,
-                    p.spec.id()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let left = deadline.saturating_duration_since(Instant::now());
-        let urls = self
-            .wait_ready(std::slice::from_ref(p), left.max(Duration::from_secs(60)))
-            .await?;
-        Ok(urls[0].clone())
-    }
-
-    /// The placement's URL if its process is ready now; an error if it exited or its worker
-    /// left (it is lost again).
+    /// The placement's URL if its process is ready now; an error if it exited (saying why) or
+    /// its worker left (it is lost again).
     async fn ready_now(&self, p: &Placement) -> Result<Option<String>> {
-        if self.lost(p).await? {
+        if self.worker(&p.worker).await?.is_none() {
             bail!(
-                "{} on worker {} was lost while starting",
-                p.spec.id(),
-                p.worker
+                "worker {} left the pool while {} was starting",
+                p.worker,
+                p.spec.id()
             );
         }
-        Ok(self
-            .status(p)
-            .await?
-            .filter(|s| s.state == state::READY)
-            .map(|s| s.url))
+        match self.status(p).await? {
+            Some(s) if s.state == state::READY => Ok(Some(s.url)),
+            Some(s) if s.state == state::EXITED => bail!(
+                "{} on worker {} exited while starting: {} (log: {})",
+                p.spec.id(),
+                p.worker,
+                s.detail,
+                p.spec.log_path
+            ),
+            _ => Ok(None),
+        }
+    }
+
+    /// Moves every rank of a learner ring (`ranks`: indices into `placements`, in rank order)
+    /// to a new generation running `args[rank]`, all at once: each on its worker while that is
+    /// registered (the same collective port), else on a learner worker with a free slot (and,
+    /// for a ring, a free collective port), the ring's addresses then rewritten in every rank's
+    /// configuration. The workers kill what the ranks ran before (the survivors of a ring
+    /// with a dead rank). False, and nothing changed, when a rank has no worker to go to.
+    async fn reassign_ring(
+        &self,
+        placements: &mut [Placement],
+        ranks: &[usize],
+        args: &[Vec<String>],
+    ) -> Result<bool> {
+        let _placing = self.placing.lock().await;
+        let ring = ranks.len() > 1;
+        let mut free: Option<Vec<Free>> = None;
+        let mut plan: Vec<(Worker, u32)> = Vec::new();
+        for &i in ranks {
+            let p = &placements[i];
+            if let Some(w) = self.worker(&p.worker).await? {
+                plan.push((w, p.spec.collective_port));
+                continue;
+            }
+            if free.is_none() {
+                free = Some(self.free().await?.remove("learner").unwrap_or_default());
+            }
+            let candidates = free.as_mut().expect("just listed");
+            let Some(f) = candidates
+                .iter_mut()
+                .find(|f| f.left > 0 && (!ring || !f.ports.is_empty()))
+            else {
+                return Ok(false);
+            };
+            f.left -= 1;
+            let port = if ring { f.ports.remove(0) } else { 0 };
+            plan.push((f.worker.clone(), port));
+        }
+        let moved = plan
+            .iter()
+            .zip(ranks)
+            .any(|((w, _), &i)| w.id != placements[i].worker);
+        if ring && moved {
+            let peers: Vec<String> = plan
+                .iter()
+                .map(|(w, port)| format!("{}:{port}", w.address))
+                .collect();
+            for a in args {
+                let config = WorkerCommand {
+                    role: "learner",
+                    index: 0,
+                    args: a.clone(),
+                }
+                .config()
+                .context("a learner command without --config")?;
+                crate::launcher::set_ring_peers(&config, &peers)?;
+            }
+        }
+        for (((w, port), &i), a) in plan.into_iter().zip(ranks).zip(args) {
+            let p = &mut placements[i];
+            p.worker = w.id.clone();
+            p.spec.collective_port = port;
+            p.spec.args = a.clone();
+            p.spec.generation += 1;
+            self.assign(p, w.lease).await?;
+        }
+        Ok(true)
     }
 
     /// Whether the placement needs replacing: its worker left or its process exited.
@@ -692,9 +751,13 @@ impl Pool {
     ) -> Result<Gang> {
         let urls = self.wait_ready(&placements, timeout).await?;
         let mut endpoints = Endpoints::default();
-        for (p, url) in placements.iter().zip(urls) {
+        let mut replicas = Replicas::default();
+        for (i, (p, url)) in placements.iter().zip(urls).enumerate() {
             match p.spec.role.as_str() {
-                "reward" => endpoints.rewards.push(url),
+                "reward" => {
+                    replicas.serving.insert(i, url.clone());
+                    endpoints.rewards.push(url);
+                }
                 "learner" => endpoints.learners.push(url),
                 _ => endpoints.actors.push(url),
             }
@@ -706,54 +769,156 @@ impl Pool {
                 commands,
                 placements: Mutex::new(placements),
                 starting: Mutex::new(Vec::new()),
+                replicas: Mutex::new(replicas),
                 timeout,
             }),
         })
     }
 }
 
-/// Replaces a job's dead pool workers: a learner is restarted (restoring its checkpoint) on its
-/// worker, or on another learner worker when its worker left, waiting for one to register; an
-/// actor that was lost (its process exited or its worker left) is started again on its worker
-/// or on another actor worker with free capacity, in the background, and joins at the first
-/// step after it is ready (training goes on with the other actors meanwhile).
+/// A job's reward replicas as its supervisor knows them (indices into its placements).
+#[derive(Debug, Default)]
+struct Replicas {
+    /// The ones serving, with their URLs, in placement (replica) order.
+    serving: BTreeMap<usize, String>,
+    /// The ones being restarted.
+    starting: Vec<usize>,
+}
+
+/// Replaces a job's dead pool workers:
+/// - learners: every rank is restarted at once (restoring the checkpoint; a data-parallel ring
+///   with a dead rank is relaunched whole), each on its worker, or on another learner worker
+///   when its worker left, waiting for one to register;
+/// - an actor that was lost (its process exited or its worker left) is started again on its
+///   worker or on another actor worker with free capacity, in the background, and joins at the
+///   first step after it is ready (training goes on with the other actors meanwhile);
+/// - a reward replica that was lost is restarted the same way and serves again once ready;
+///   while no replica serves, [`Supervisor::rewards`] waits for one (up to the ready timeout).
 pub struct PoolSupervisor {
     pool: Pool,
     commands: Vec<WorkerCommand>,
     placements: Mutex<Vec<Placement>>,
     /// Indices (into `placements`) of actors being replaced.
     starting: Mutex<Vec<usize>>,
+    replicas: Mutex<Replicas>,
     timeout: Duration,
+}
+
+impl PoolSupervisor {
+    /// Looks at every reward replica once: a restarted one that is ready serves again, a lost
+    /// one stops serving and is reassigned (when a worker can take it). Whether the serving
+    /// set changed. A restart whose process exited is an error when `strict` (nothing else
+    /// serves), else logged and tried again at the next look; one whose worker left is tried
+    /// again on another worker.
+    async fn check_replicas(
+        &self,
+        placements: &mut [Placement],
+        r: &mut Replicas,
+        strict: bool,
+    ) -> Result<bool> {
+        let mut changed = false;
+        for (i, p) in placements.iter_mut().enumerate() {
+            if p.spec.role != "reward" {
+                continue;
+            }
+            if let Some(at) = r.starting.iter().position(|&s| s == i) {
+                match self.pool.ready_now(p).await {
+                    Ok(Some(url)) => {
+                        tracing::info!("{} serves again at {url}", p.spec.id());
+                        r.starting.remove(at);
+                        r.serving.insert(i, url);
+                        changed = true;
+                    }
+                    Ok(None) => {}
+                    Err(e) if strict && self.pool.worker(&p.worker).await?.is_some() => {
+                        return Err(e.context("no reward server replica is serving"));
+                    }
+                    Err(e) => {
+                        tracing::warn!("restarting a reward replica: {e:#}");
+                        r.starting.remove(at);
+                    }
+                }
+                continue;
+            }
+            if !self.pool.lost(p).await? {
+                continue;
+            }
+            if r.serving.remove(&i).is_some() {
+                tracing::warn!(
+                    "{} on worker {} was lost; restarting it",
+                    p.spec.id(),
+                    p.worker
+                );
+                changed = true;
+            }
+            let args = p.spec.args.clone();
+            if self.pool.reassign(p, &args).await? {
+                r.starting.push(i);
+            } // else no reward worker is free yet: tried again at the next look
+        }
+        Ok(changed)
+    }
 }
 
 #[tonic::async_trait]
 impl Supervisor for PoolSupervisor {
     async fn replace_learners(&self) -> Result<Vec<String>> {
-        let rank = 0;
-        if self.commands.iter().filter(|c| c.role == "learner").count() > 1 {
-            bail!(
-                "learner rank {rank} died; one rank of a data-parallel ring cannot be replaced alone (the checkpoints are in the job's output folder: `rlhf run JOB --resume` continues from them)"
-            );
-        }
-        let command = self
-            .commands
-            .iter()
-            .find(|c| c.role == "learner" && c.index == rank)
-            .with_context(|| format!("no learner rank {rank}"))?
-            .resuming();
         let mut placements = self.placements.lock().await;
-        let p = placements
-            .iter_mut()
-            .find(|p| p.spec.role == "learner" && p.spec.index as usize == rank)
-            .with_context(|| format!("learner rank {rank} was never placed"))?;
+        let mut ranks: Vec<usize> = (0..placements.len())
+            .filter(|&i| placements[i].spec.role == "learner")
+            .collect();
+        ranks.sort_by_key(|&i| placements[i].spec.index);
+        if ranks.is_empty() {
+            bail!("the job has no learner placed");
+        }
+        let args = ranks
+            .iter()
+            .map(|&i| {
+                let rank = placements[i].spec.index as usize;
+                self.commands
+                    .iter()
+                    .find(|c| c.role == "learner" && c.index == rank)
+                    .map(|c| c.resuming().args)
+                    .with_context(|| format!("no command for learner rank {rank}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let deadline = Instant::now() + self.timeout;
+        while !self
+            .pool
+            .reassign_ring(&mut placements, &ranks, &args)
+            .await?
+        {
+            if Instant::now() >= deadline {
+                bail!(
+                    "no learner worker registered within {:?} to replace the job's lost learner ranks",
+                    self.timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let ring: Vec<Placement> = ranks.iter().map(|&i| placements[i].clone()).collect();
+        let left = deadline.saturating_duration_since(Instant::now());
         self.pool
-            .restart(p, &command.args, self.timeout)
+            .wait_ready(&ring, left.max(Duration::from_secs(60)))
             .await
-            .map(|a| vec![a])
     }
 
     async fn rewards(&self) -> Result<Option<Vec<String>>> {
-        Ok(None)
+        let mut placements = self.placements.lock().await;
+        let mut r = self.replicas.lock().await;
+        let mut changed = self.check_replicas(&mut placements, &mut r, false).await?;
+        let deadline = Instant::now() + self.timeout;
+        while r.serving.is_empty() {
+            if Instant::now() >= deadline {
+                bail!(
+                    "no reward server replica is serving, and none was restarted within {:?}",
+                    self.timeout
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            changed |= self.check_replicas(&mut placements, &mut r, true).await?;
+        }
+        Ok(changed.then(|| r.serving.values().cloned().collect()))
     }
 
     async fn new_actors(&self) -> Vec<String> {
@@ -790,5 +955,154 @@ impl Supervisor for PoolSupervisor {
             }
         }
         joined
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+
+    async fn pool() -> Pool {
+        Pool::new(
+            AnyStore::open("embedded:").await.unwrap(),
+            Duration::from_secs(30),
+        )
+    }
+
+    async fn register(pool: &Pool, role: &str, node: &str, capacity: u32, ports: &[u32]) -> String {
+        let r = v1::RegisterWorkerRequest {
+            role: role.into(),
+            node: node.into(),
+            address: format!("10.0.0.{}", node.trim_start_matches('n')),
+            devices: Vec::new(),
+            capacity,
+            collective_ports: ports.to_vec(),
+        };
+        pool.register(&r).await.unwrap()
+    }
+
+    fn command(role: &'static str, index: usize, args: Vec<String>) -> WorkerCommand {
+        WorkerCommand { role, index, args }
+    }
+
+    #[tokio::test]
+    async fn a_gang_s_replicas_are_spread_over_the_workers_of_their_role() {
+        let pool = pool().await;
+        let big = register(&pool, "reward", "n1", 3, &[]).await;
+        let small = register(&pool, "reward", "n2", 1, &[]).await;
+        let build = |chosen: &[Chosen]| {
+            Ok((0..chosen.len())
+                .map(|i| command("reward", i, Vec::new()))
+                .collect())
+        };
+        let (_, placed) = pool
+            .place(
+                "j",
+                &["reward", "reward", "reward"],
+                build,
+                Path::new("/logs"),
+            )
+            .await
+            .unwrap()
+            .expect("room for three");
+        let on: Vec<&str> = placed.iter().map(|p| p.worker.as_str()).collect();
+        // The roomiest first, then the one holding none of the gang yet, then room again.
+        assert_eq!(on, [big.as_str(), small.as_str(), big.as_str()]);
+    }
+
+    #[tokio::test]
+    async fn a_ring_whose_worker_left_moves_that_rank_and_rewrites_every_rank_s_peers() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = pool().await;
+        let w1 = register(&pool, "learner", "n1", 1, &[7001]).await;
+        let w2 = register(&pool, "learner", "n2", 1, &[7002]).await;
+        let configs: Vec<PathBuf> = (0..2)
+            .map(|r| {
+                let path = dir.path().join(format!("learner-{r}.toml"));
+                std::fs::write(
+                    &path,
+                    format!(
+                        "[parallel]\nrank = {r}\npeers = [\"10.0.0.1:7001\", \"10.0.0.2:7002\"]\n"
+                    ),
+                )
+                .unwrap();
+                path
+            })
+            .collect();
+        let args: Vec<Vec<String>> = configs
+            .iter()
+            .map(|c| vec!["--config".into(), c.display().to_string()])
+            .collect();
+        let build = |_: &[Chosen]| {
+            Ok((0..2)
+                .map(|r| command("learner", r, args[r].clone()))
+                .collect())
+        };
+        let (_, mut placed) = pool
+            .place("j", &["learner", "learner"], build, Path::new("/logs"))
+            .await
+            .unwrap()
+            .expect("room for the ring");
+        assert_eq!(
+            (placed[0].worker.as_str(), placed[1].worker.as_str()),
+            (w1.as_str(), w2.as_str())
+        );
+        let before: Vec<u64> = placed.iter().map(|p| p.spec.generation).collect();
+
+        // Rank 1's worker leaves; no learner worker is free: nothing moves.
+        pool.leave(&w2).await.unwrap();
+        let resumed: Vec<Vec<String>> = args
+            .iter()
+            .map(|a| [a.clone(), vec!["--resume".into()]].concat())
+            .collect();
+        assert!(
+            !pool
+                .reassign_ring(&mut placed, &[0, 1], &resumed)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            placed[0].spec.generation, before[0],
+            "rank 0 was left alone"
+        );
+
+        // A new worker: rank 1 moves there, rank 0 restarts where it was, both resume.
+        let w3 = register(&pool, "learner", "n3", 1, &[7003]).await;
+        assert!(
+            pool.reassign_ring(&mut placed, &[0, 1], &resumed)
+                .await
+                .unwrap()
+        );
+        assert_eq!(
+            (placed[0].worker.as_str(), placed[1].worker.as_str()),
+            (w1.as_str(), w3.as_str())
+        );
+        assert_eq!(placed[1].spec.collective_port, 7003);
+        for (p, b) in placed.iter().zip(&before) {
+            assert_eq!(p.spec.generation, b + 1);
+            assert_eq!(p.spec.args.last().map(String::as_str), Some("--resume"));
+        }
+        for c in &configs {
+            let table: toml::Table = std::fs::read_to_string(c).unwrap().parse().unwrap();
+            let peers = table["parallel"]["peers"].as_array().unwrap();
+            assert_eq!(
+                peers
+                    .iter()
+                    .map(|p| p.as_str().unwrap())
+                    .collect::<Vec<_>>(),
+                ["10.0.0.1:7001", "10.0.0.3:7003"]
+            );
+        }
+        // What the workers are told to run: the new generations, rank 1 on the new worker.
+        let on_w3 = pool.heartbeat(&w3, &[]).await.unwrap();
+        assert_eq!(on_w3.len(), 1);
+        assert_eq!(
+            (on_w3[0].id.as_str(), on_w3[0].generation),
+            ("j/learner-1", before[1] + 1)
+        );
+        let on_w1 = pool.heartbeat(&w1, &[]).await.unwrap();
+        assert_eq!(on_w1[0].generation, before[0] + 1);
     }
 }

@@ -84,12 +84,7 @@ impl Slurm {
         s += "# Written by `rlhf coordinator --launcher slurm`: one srun step per worker; each\n";
         s += "# registers with the coordinator, runs what it is assigned, exits when idle.\n";
         s += "set -u\n";
-        let worker = format!(
-            "exec {} worker --role \"$0\" --coordinator {} --node \"$SLURMD_NODENAME\" --advertise \"$SLURMD_NODENAME\" --exit-when-idle {}",
-            quote(&self.rlhf.display().to_string()),
-            quote(&self.coordinator_url),
-            self.idle_exit.as_secs()
-        );
+        let worker = self.worker_command();
         for (role, n) in workers {
             for _ in 0..*n {
                 s += &format!(
@@ -100,6 +95,18 @@ impl Slurm {
         }
         s += "wait\n";
         s
+    }
+
+    /// What each srun step runs (in bash, the role as `$0`): a pool worker of that role on the
+    /// node Slurm picked. The GPUs Slurm gave the step (`CUDA_VISIBLE_DEVICES`, when set)
+    /// become its `--devices` (`cuda:ID` each), so every process it starts runs on one of them.
+    fn worker_command(&self) -> String {
+        format!(
+            "exec {} worker --role \"$0\" --coordinator {} --node \"$SLURMD_NODENAME\" --advertise \"$SLURMD_NODENAME\" --exit-when-idle {} ${{CUDA_VISIBLE_DEVICES:+--devices \"cuda:${{CUDA_VISIBLE_DEVICES//,/,cuda:}}\"}}",
+            quote(&self.rlhf.display().to_string()),
+            quote(&self.coordinator_url),
+            self.idle_exit.as_secs()
+        )
     }
 
     /// Whether batch job `id` is still pending or running (`squeue -h -j ID -o %T`). An ended
@@ -180,6 +187,42 @@ mod tests {
         assert!(s.contains("exec '\\''/shared/bin/rlhf'\\'' worker"), "{s}");
         assert!(s.contains("--exit-when-idle 120"));
         assert!(s.ends_with("wait\n"));
+    }
+
+    /// The step's command run by bash as srun would, with a stand-in `rlhf` that prints its
+    /// arguments: the GPUs Slurm gave the step become the worker's devices.
+    #[test]
+    fn a_step_s_gpus_become_its_worker_s_devices() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let rlhf = dir.path().join("rlhf");
+        std::fs::write(&rlhf, "#!/bin/sh\necho \"$@\"\n").unwrap();
+        std::fs::set_permissions(&rlhf, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let slurm = Slurm {
+            coordinator_url: "http://head:50070".into(),
+            rlhf,
+            options: Vec::new(),
+            dir: dir.path().into(),
+            idle_exit: Duration::from_secs(60),
+        };
+        let run = |gpus: Option<&str>| {
+            let mut cmd = std::process::Command::new("bash");
+            cmd.args(["-c", &slurm.worker_command(), "learner"])
+                .env("SLURMD_NODENAME", "gpu-7")
+                .env_remove("CUDA_VISIBLE_DEVICES");
+            if let Some(g) = gpus {
+                cmd.env("CUDA_VISIBLE_DEVICES", g);
+            }
+            let out = cmd.output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        assert_eq!(
+            run(Some("2,3")),
+            "worker --role learner --coordinator http://head:50070 --node gpu-7 --advertise gpu-7 --exit-when-idle 60 --devices cuda:2,cuda:3"
+        );
+        assert!(run(Some("0")).ends_with("--exit-when-idle 60 --devices cuda:0"));
+        assert!(run(None).ends_with("--exit-when-idle 60"), "{}", run(None));
     }
 
     #[test]

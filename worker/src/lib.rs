@@ -44,8 +44,35 @@ struct Launch {
     exe: PathBuf,
     /// The IP its services bind.
     host: String,
-    /// Accelerators to share out, one per process while there are enough.
+    /// Accelerators to share out, one per process while there are enough (each checked with
+    /// [`device_env`]).
     devices: Vec<String>,
+}
+
+/// The environment that gives a process `device`, one of the worker's `--devices`: `cpu`
+/// (`RLHF_DEVICE=cpu`), or `cuda:ID` with ID what `CUDA_VISIBLE_DEVICES` takes (a GPU's
+/// number, or a `GPU-…`/`MIG-…` identifier): the process then sees that one GPU only, as its
+/// `cuda:0` (`CUDA_VISIBLE_DEVICES=ID RLHF_DEVICE=cuda:0`).
+pub fn device_env(device: &str) -> Result<Vec<(&'static str, String)>, String> {
+    if device == "cpu" {
+        return Ok(vec![("RLHF_DEVICE", "cpu".into())]);
+    }
+    match device.strip_prefix("cuda:") {
+        Some(id)
+            if !id.is_empty()
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'/') =>
+        {
+            Ok(vec![
+                ("CUDA_VISIBLE_DEVICES", id.to_string()),
+                ("RLHF_DEVICE", "cuda:0".into()),
+            ])
+        }
+        _ => Err(format!(
+            "`{device}` is not a device (expected `cpu` or `cuda:ID`, ID a GPU number or UUID, e.g. `cuda:0`)"
+        )),
+    }
 }
 
 /// The device for a new process: one no running process has, else the least used.
@@ -62,7 +89,7 @@ fn free_device(running: &Running, devices: &[String]) -> Option<String> {
 
 /// One assigned process: its status as reported, and the process once started.
 struct Slot {
-    /// The accelerator it was given (`CUDA_VISIBLE_DEVICES`), if any.
+    /// The device it was given (one of `--devices`, see [`device_env`]), if any.
     device: Option<String>,
     status: v1::AssignmentStatus,
     process: Option<ServiceProcess>,
@@ -79,6 +106,9 @@ pub async fn run(
     mut register: v1::RegisterWorkerRequest,
     idle_exit: Option<Duration>,
 ) -> Result<()> {
+    for d in &register.devices {
+        device_env(d).map_err(|e| anyhow::anyhow!("--devices: {e}"))?;
+    }
     register.address = resolve(&register.address)?;
     if register.role == "learner" {
         // Ports for data-parallel rings (bound and released, as the local launcher does).
@@ -266,16 +296,24 @@ fn refresh(running: &Running) -> Vec<v1::AssignmentStatus> {
         .collect()
 }
 
-/// Stops what was taken away or has a new generation; starts what is new.
+/// Stops what was taken away or has a new generation; starts what is new. A new generation's
+/// process starts once its predecessor has exited (it may hold a ring port or the device).
 fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Launch) {
     let wanted: HashMap<&str, &v1::Assignment> =
         assignments.iter().map(|a| (a.id.as_str(), a)).collect();
+    let mut replaced: HashMap<String, ServiceProcess> = HashMap::new();
     running.retain(|id, slot| {
         let keep = wanted
             .get(id.as_str())
             .is_some_and(|a| a.generation == slot.lock().expect("not poisoned").status.generation);
         if !keep {
-            stop(slot);
+            match (stop(slot), wanted.contains_key(id.as_str())) {
+                (Some(old), true) => {
+                    replaced.insert(id.clone(), old);
+                }
+                (Some(old), false) => kill_in_background(old),
+                (None, _) => {}
+            }
         }
         keep
     });
@@ -283,6 +321,7 @@ fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Laun
         if running.contains_key(&a.id) {
             continue;
         }
+        let predecessor = replaced.remove(&a.id);
         let device = free_device(running, &how.devices);
         let slot = Arc::new(Mutex::new(Slot {
             device: device.clone(),
@@ -309,11 +348,14 @@ fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Laun
                 .unwrap_or_default()
         );
         tokio::task::spawn_blocking(move || {
+            if let Some(mut old) = predecessor {
+                old.kill();
+            }
             let log = PathBuf::from(&a.log_path);
             let started =
                 worker_process(&how.exe, &a.role, &a.args, &log, &how.host).and_then(|mut cmd| {
                     if let Some(d) = &device {
-                        cmd.env("CUDA_VISIBLE_DEVICES", d.strip_prefix("cuda:").unwrap_or(d));
+                        cmd.envs(device_env(d).map_err(std::io::Error::other)?);
                     }
                     let started = |pid| {
                         slot.lock().expect("not poisoned").status.pid = pid;
@@ -338,7 +380,9 @@ fn reconcile(running: &mut Running, assignments: Vec<v1::Assignment>, how: &Laun
     }
 }
 
-fn stop(slot: &Arc<Mutex<Slot>>) {
+/// Marks the slot stopped (a process still starting is killed at once); returns its running
+/// process, for the caller to kill.
+fn stop(slot: &Arc<Mutex<Slot>>) -> Option<ServiceProcess> {
     let mut slot = slot.lock().expect("not poisoned");
     slot.stopped = true;
     if slot.status.state == state::STARTING && slot.status.pid != 0 {
@@ -351,16 +395,24 @@ fn stop(slot: &Arc<Mutex<Slot>>) {
             libc::kill(slot.status.pid as libc::pid_t, libc::SIGKILL);
         }
     }
-    if let Some(mut p) = slot.process.take() {
+    let process = slot.process.take();
+    if process.is_some() {
         eprintln!("stopping {}", slot.status.id);
-        // Killing waits for the exit (a GPU teardown can take a while): off the heartbeat loop.
-        tokio::task::spawn_blocking(move || p.kill());
     }
+    process
+}
+
+/// Kills a process off the heartbeat loop (killing waits for the exit, and a GPU teardown can
+/// take a while).
+fn kill_in_background(mut p: ServiceProcess) {
+    tokio::task::spawn_blocking(move || p.kill());
 }
 
 fn stop_all(running: &mut Running) {
     for slot in running.values() {
-        stop(slot);
+        if let Some(p) = stop(slot) {
+            kill_in_background(p);
+        }
     }
     running.clear();
 }
@@ -376,6 +428,32 @@ mod tests {
             process: None,
             stopped: false,
         }))
+    }
+
+    #[test]
+    fn a_gpu_is_the_only_one_its_process_sees_as_cuda_0() {
+        let env = |d: &str| device_env(d).unwrap();
+        assert_eq!(
+            env("cuda:3"),
+            [
+                ("CUDA_VISIBLE_DEVICES", "3".to_string()),
+                ("RLHF_DEVICE", "cuda:0".to_string())
+            ]
+        );
+        assert_eq!(
+            env("cuda:GPU-8f2e-11aa")[0],
+            ("CUDA_VISIBLE_DEVICES", "GPU-8f2e-11aa".to_string())
+        );
+        assert_eq!(
+            env("cuda:MIG-GPU-8f2e/1/0")[0].1,
+            "MIG-GPU-8f2e/1/0",
+            "an old-style MIG instance"
+        );
+        assert_eq!(env("cpu"), [("RLHF_DEVICE", "cpu".to_string())]);
+        for bad in ["3", "gpu:0", "cuda:", "cuda:0,1", "CPU", "cuda: 1"] {
+            let e = device_env(bad).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")), "{e}");
+        }
     }
 
     #[test]

@@ -96,12 +96,12 @@ impl Schedule {
     }
 
     /// Stages a weight update; an update staged earlier and not yet applied is superseded (its
-    /// caller is told so).
+    /// caller is told so), whatever the two versions: the last update wins.
     pub fn stage(&mut self, update: Staged) {
         if let Some(old) = self.staged.replace(update) {
             let _ = old
                 .reply
-                .send(Err("superseded by a newer weight update".into()));
+                .send(Err("superseded by a later weight update".into()));
         }
     }
 
@@ -114,7 +114,11 @@ impl Schedule {
         self.staged.take()
     }
 
-    /// New sequences start on `version` from now on.
+    /// New sequences start on `version` from now on, also when it is lower than the current
+    /// one: versions are labels, not a clock, and the last update wins (the learner publishes
+    /// the frozen reference policy as version 0 to calibrate reference rewards, then the policy
+    /// again at version 0 or higher). Requests waiting for a `min_weight_version` above it keep
+    /// waiting.
     pub fn applied(&mut self, version: u64) {
         self.version = version;
     }
@@ -433,6 +437,47 @@ mod tests {
                 .contains("superseded")
         );
         assert_eq!(s.take_update().unwrap().version, 2);
+    }
+
+    #[test]
+    fn a_lower_version_replaces_a_higher_one() {
+        let mut s = schedule(8, usize::MAX);
+        let (staged, _reply) = update(3);
+        s.stage(staged);
+        let u = s.take_update().unwrap();
+        s.applied(u.version);
+        assert_eq!(s.version(), 3);
+        // The reference policy, published as version 0, replaces version 3.
+        let (staged, _reply) = update(0);
+        s.stage(staged);
+        let u = s.take_update().expect("nothing runs: the update applies");
+        s.applied(u.version);
+        assert_eq!(s.version(), 0);
+        let (r, mut out) = request(0);
+        s.enqueue(vec![job(&r, 0, 2, 2)], Instant::now());
+        let picked = s.admit(Instant::now());
+        s.finished(picked[0].0, generation(vec![9]), Instant::now());
+        assert_eq!(out.try_recv().unwrap().unwrap().version, 0);
+        // A request for version 2 or later waits through version 0 until the policy is back.
+        let (later, mut later_out) = request(2);
+        s.enqueue(vec![job(&later, 0, 2, 2)], Instant::now());
+        assert!(s.admit(Instant::now()).is_empty());
+        assert!(s.is_stuck());
+        let (staged, _reply) = update(2);
+        s.stage(staged);
+        let u = s.take_update().unwrap();
+        s.applied(u.version);
+        let picked = s.admit(Instant::now());
+        assert_eq!(picked.len(), 1);
+        s.finished(picked[0].0, generation(vec![9]), Instant::now());
+        assert_eq!(later_out.try_recv().unwrap().unwrap().version, 2);
+        // A lower update staged behind a higher one supersedes it too.
+        let (high, mut high_reply) = update(5);
+        let (low, _low_reply) = update(1);
+        s.stage(high);
+        s.stage(low);
+        assert!(high_reply.try_recv().unwrap().is_err());
+        assert_eq!(s.take_update().unwrap().version, 1);
     }
 
     #[test]

@@ -15,15 +15,17 @@ const SLURM_CHECK: Duration = Duration::from_secs(10);
 const SLURM_SUBMIT: Duration = Duration::from_secs(30);
 
 impl Coordinator {
-    /// Places `job`'s gang on pool workers: `Ok(None)` (and the job's `waiting` note set)
-    /// when the pool is too small now. Data-parallel learner ranks form their ring on the
-    /// collective ports their workers offer.
+    /// Places `job`'s gang on pool workers (`reward_replicas` reward servers, `learner_ranks`
+    /// learners, `actors` actors): `Ok(None)` (and the job's `waiting` note set) when the pool
+    /// is too small now. Data-parallel learner ranks form their ring on the collective ports
+    /// their workers offer. `[resources] devices` is the local launcher's: pool workers share
+    /// out their own (`rlhf worker --devices`).
     pub(super) async fn place(&self, job: &StoredJob, resume: bool) -> Result<Option<Placed>> {
         let id = &job.record.id;
         let spec = job.spec().map_err(|e| JobProblem(format!("{e:#}")))?;
         let ranks = spec.resources.learner_ranks;
         // In the order worker_commands gives them.
-        let mut roles = vec!["reward"];
+        let mut roles = vec!["reward"; spec.resources.reward_replicas];
         roles.extend(std::iter::repeat_n("learner", ranks));
         roles.extend(std::iter::repeat_n("actor", spec.resources.actors));
         let build = |chosen: &[crate::pool::Chosen]| {
