@@ -149,3 +149,80 @@ pub fn survives_coordinator_death(
     assert_eq!(steps.last(), Some(&total), "{steps:?}");
     assert!(steps.len() as u64 >= total - 1, "{steps:?}");
 }
+
+/// A coordinator with the `static` launcher (workers register themselves), plus `extra`.
+pub fn pool_coordinator(store: &str, state: &Path, name: &str, extra: &[&str]) -> ServiceProcess {
+    let args: Vec<&str> = ["--launcher", "static"]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect();
+    coordinator(store, state, name, &args)
+}
+
+/// A pool worker process (`rlhf worker --role ROLE --coordinator URL --node NODE`), killed on
+/// drop. It does not inherit the test's `RLHF_DEVICE` or `CUDA_VISIBLE_DEVICES`.
+pub struct Agent(std::process::Child);
+
+impl Agent {
+    pub fn start(url: &str, role: &str, node: &str) -> Agent {
+        Agent::start_with(url, role, node, &[], &[])
+    }
+
+    /// With extra arguments (e.g. `--devices cuda:3`) and environment variables.
+    pub fn start_with(
+        url: &str,
+        role: &str,
+        node: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
+        let child = Command::new(bin("rlhf"))
+            .args([
+                "worker",
+                "--role",
+                role,
+                "--coordinator",
+                url,
+                "--node",
+                node,
+            ])
+            .args(extra)
+            .env_remove("RLHF_DEVICE")
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Agent(child)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The pool's workers (`rlhf workers --json`).
+pub fn workers(url: &str) -> Vec<serde_json::Value> {
+    serde_json::from_slice(&cli(url, &["workers", "--json"]).stdout).unwrap()
+}
+
+/// The worker running assignment `<job>/<name>`, and that assignment.
+pub fn assignment(
+    url: &str,
+    job: &str,
+    name: &str,
+) -> Option<(serde_json::Value, serde_json::Value)> {
+    let id = format!("{job}/{name}");
+    workers(url).into_iter().find_map(|w| {
+        let a = w["assignments"]
+            .as_array()?
+            .iter()
+            .find(|a| a["id"] == id.as_str())
+            .cloned()?;
+        Some((w, a))
+    })
+}

@@ -15,6 +15,17 @@ fn run_ok(job: &Path) -> String {
     rlhf_ok(&["run", job.to_str().unwrap(), "--quiet"])
 }
 
+/// `rlhf run JOB --quiet` started, its stderr piped.
+fn spawn_run(job: &Path) -> std::process::Child {
+    Command::new(bin("rlhf"))
+        .args(["run", job.to_str().unwrap(), "--quiet"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 fn metric(line: &serde_json::Value, key: &str) -> f64 {
     line[key]
         .as_f64()
@@ -132,13 +143,7 @@ fn an_async_job_generates_k_steps_ahead_and_resumes() {
     );
     let run = tmp.path().join("run");
     // Interrupted after its third step, resumed to the end.
-    let child = Command::new(bin("rlhf"))
-        .args(["run", job.to_str().unwrap(), "--quiet"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(&job);
     wait_for("three steps", Duration::from_secs(240), || {
         metric_steps(&run).len() >= 3
     });
@@ -238,13 +243,7 @@ fn a_restart_without_a_checkpoint_says_which_steps_are_trained_again() {
         ],
     );
     let run = tmp.path().join("run");
-    let child = Command::new(bin("rlhf"))
-        .args(["run", job.to_str().unwrap(), "--quiet"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_run(&job);
     wait_for("two steps", Duration::from_secs(240), || {
         metric_steps(&run).len() >= 2
     });

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rlhf_tests::cluster::{cli, coordinator, embedded_store, job, status, submit};
+use rlhf_tests::cluster::{Agent, cli, coordinator, embedded_store, job, status, submit};
 use rlhf_tests::{bin, signal, tiny_job, wait_for};
 
 /// Steps of the followed job.
@@ -17,37 +17,6 @@ const STEPS: u64 = 12;
 
 /// The sources of every job of the tiny fixtures (one reward server, learner and actor).
 const SOURCES: [&str; 4] = ["controller", "reward-0", "learner-0", "actor-0"];
-
-/// A pool worker process logging JSON (and so do the processes it starts), killed on drop.
-struct Agent(Child);
-
-impl Agent {
-    fn start(url: &str, role: &str, node: &str) -> Agent {
-        let child = Command::new(bin("rlhf"))
-            .args([
-                "worker",
-                "--role",
-                role,
-                "--coordinator",
-                url,
-                "--node",
-                node,
-            ])
-            .env("RLHF_LOG_FORMAT", "json")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Agent(child)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// A process stopped with SIGSTOP until this is dropped (SIGCONT), also when a test fails.
 struct Stopped(u32);
@@ -163,9 +132,9 @@ fn a_pool_job_s_logs_name_every_source_and_follow_it_to_its_end() {
     let url = c.url();
     let id = submit(&url, &job(dir.path(), "logged", STEPS, 0, ""));
     let _pool = [
-        Agent::start(&url, "reward", "n1"),
-        Agent::start(&url, "learner", "n1"),
-        Agent::start(&url, "actor", "n2"),
+        Agent::start_with(&url, "reward", "n1", &[], &[("RLHF_LOG_FORMAT", "json")]),
+        Agent::start_with(&url, "learner", "n1", &[], &[("RLHF_LOG_FORMAT", "json")]),
+        Agent::start_with(&url, "actor", "n2", &[], &[("RLHF_LOG_FORMAT", "json")]),
     ];
     wait_for("the first step", Duration::from_secs(240), || {
         status(&url, &id)["last_step"].as_u64().unwrap_or(0) >= 1

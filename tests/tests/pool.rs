@@ -3,76 +3,17 @@
 //! wait for workers, run on them, survive a killed learner process and a killed actor worker,
 //! and give the workers back when they end.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use rlhf_proto::process::ServiceProcess;
 use rlhf_tests::cluster::{
-    cli, coordinator, embedded_store, entered, job, status, submit, survives_coordinator_death,
-    wait_state,
+    Agent, assignment, cli, embedded_store, entered, job, pool_coordinator, status, submit,
+    survives_coordinator_death, wait_state, workers,
 };
-use rlhf_tests::{Etcd, bin, metric_steps, signal, wait_for};
+use rlhf_tests::{Etcd, metric_steps, signal, wait_for};
 
 /// The job-file lines that make a tiny job PPO with a critic.
 const PPO: &str = "[learner]\nalgorithm = \"ppo\"\n[learner.ppo]\ncritic_lr = 1e-4\n";
-
-/// A coordinator with the `static` launcher (workers register themselves), plus `extra`.
-fn pool_coordinator(store: &str, state: &Path, name: &str, extra: &[&str]) -> ServiceProcess {
-    let args: Vec<&str> = ["--launcher", "static"]
-        .into_iter()
-        .chain(extra.iter().copied())
-        .collect();
-    coordinator(store, state, name, &args)
-}
-
-/// A pool worker process, killed on drop.
-struct Agent(Child);
-
-impl Agent {
-    fn start(url: &str, role: &str, node: &str) -> Agent {
-        let child = Command::new(bin("rlhf"))
-            .args([
-                "worker",
-                "--role",
-                role,
-                "--coordinator",
-                url,
-                "--node",
-                node,
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Agent(child)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn workers(url: &str) -> Vec<serde_json::Value> {
-    serde_json::from_slice(&cli(url, &["workers", "--json"]).stdout).unwrap()
-}
-
-/// The worker running assignment `<job>/<name>`, and that assignment.
-fn assignment(url: &str, job: &str, name: &str) -> Option<(serde_json::Value, serde_json::Value)> {
-    let id = format!("{job}/{name}");
-    workers(url).into_iter().find_map(|w| {
-        let a = w["assignments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["id"] == id.as_str())
-            .cloned()?;
-        Some((w, a))
-    })
-}
 
 fn step(url: &str, id: &str) -> u64 {
     status(url, id)["last_step"].as_u64().unwrap_or(0)
@@ -195,25 +136,56 @@ fn wait_or_dump(url: &str, id: &str, what: &str, within: Duration, f: &mut dyn F
     }
 }
 
-#[test]
-fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker() {
-    const STEPS: u64 = 80;
-    let dir = tempfile::tempdir().unwrap();
-    let store = embedded_store(&dir.path().join("state"));
-    // A short worker lease, so a lost worker is noticed within a few of this job's steps.
+/// A pool with a short worker lease (a lost worker is noticed within a few steps of a tiny
+/// job): reward and learner workers on n1 and an actor worker on n2 that stay, and an actor
+/// worker on n3 that the test loses.
+fn pool_losing_an_actor(
+    dir: &std::path::Path,
+) -> (rlhf_proto::process::ServiceProcess, [Agent; 3], Agent) {
+    let state = dir.join("state");
     let c = pool_coordinator(
-        &store,
-        &dir.path().join("state"),
+        &embedded_store(&state),
+        &state,
         "c1",
         &["--worker-ttl", "3"],
     );
     let url = c.url();
-    let _stable = [
+    let stable = [
         Agent::start(&url, "reward", "n1"),
         Agent::start(&url, "learner", "n1"),
         Agent::start(&url, "actor", "n2"),
     ];
     let doomed = Agent::start(&url, "actor", "n3");
+    (c, stable, doomed)
+}
+
+/// Loses `doomed` (actor-1's worker), starts a spare actor worker on n4 and waits until it
+/// serves actor-1; returns the spare and its actor's address.
+fn replace_actor_1(
+    url: &str,
+    id: &str,
+    doomed: Agent,
+    wait: &dyn Fn(&str, &mut dyn FnMut() -> bool),
+) -> (Agent, String) {
+    let (lost, _) = assignment(url, id, "actor-1").expect("actor-1 is placed");
+    drop(doomed);
+    let spare = Agent::start(url, "actor", "n4");
+    let mut address = String::new();
+    wait("the spare worker to take actor-1", &mut || {
+        assignment(url, id, "actor-1").is_some_and(|(w, a)| {
+            address = a["url"].as_str().unwrap_or_default().to_string();
+            w["id"] != lost["id"] && w["node"] == "n4" && a["state"] == "ready"
+        })
+    });
+    (spare, address)
+}
+
+#[test]
+fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker() {
+    const STEPS: u64 = 80;
+    let dir = tempfile::tempdir().unwrap();
+    let (c, _stable, doomed) = pool_losing_an_actor(dir.path());
+    let url = c.url();
     let ppo = format!("{PPO}[resources]\nactors = 2\n");
     let id = submit(&url, &job(dir.path(), "ppo-pool", STEPS, 0, &ppo));
     let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
@@ -237,14 +209,7 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
     wait("a step after the learner's restart", &mut || {
         step(&url, &id) > at
     });
-    let (lost, _) = assignment(&url, &id, "actor-1").expect("actor-1 is placed");
-    drop(doomed);
-    let _spare = Agent::start(&url, "actor", "n4");
-    wait("the spare worker to take actor-1", &mut || {
-        assignment(&url, &id, "actor-1").is_some_and(|(w, a)| {
-            w["id"] != lost["id"] && w["node"] == "n4" && a["state"] == "ready"
-        })
-    });
+    let _spare = replace_actor_1(&url, &id, doomed, &wait);
 
     let done = wait_state(&url, &id, "succeeded", Duration::from_secs(400));
     let out = PathBuf::from(done["output_dir"].as_str().unwrap());
@@ -258,20 +223,8 @@ fn a_ppo_job_on_pool_workers_survives_a_killed_learner_and_a_lost_actor_worker()
 fn an_async_job_on_pool_workers_takes_in_a_replacement_actor() {
     const STEPS: u64 = 80;
     let dir = tempfile::tempdir().unwrap();
-    let store = embedded_store(&dir.path().join("state"));
-    let c = pool_coordinator(
-        &store,
-        &dir.path().join("state"),
-        "c1",
-        &["--worker-ttl", "3"],
-    );
+    let (c, _stable, doomed) = pool_losing_an_actor(dir.path());
     let url = c.url();
-    let _stable = [
-        Agent::start(&url, "reward", "n1"),
-        Agent::start(&url, "learner", "n1"),
-        Agent::start(&url, "actor", "n2"),
-    ];
-    let doomed = Agent::start(&url, "actor", "n3");
     let path = job(
         dir.path(),
         "async-pool",
@@ -289,16 +242,7 @@ fn an_async_job_on_pool_workers_takes_in_a_replacement_actor() {
         wait_or_dump(&url, &id, what, Duration::from_secs(120), f)
     };
     wait("step 2", &mut || step(&url, &id) >= 2);
-    let (lost, _) = assignment(&url, &id, "actor-1").expect("actor-1 is placed");
-    drop(doomed);
-    let _spare = Agent::start(&url, "actor", "n4");
-    let mut address = String::new();
-    wait("the spare worker to take actor-1", &mut || {
-        assignment(&url, &id, "actor-1").is_some_and(|(w, a)| {
-            address = a["url"].as_str().unwrap_or_default().to_string();
-            w["id"] != lost["id"] && w["node"] == "n4" && a["state"] == "ready"
-        })
-    });
+    let (_spare, address) = replace_actor_1(&url, &id, doomed, &wait);
     // It joins the pipelined generation: it gets weights and generates for later steps.
     wait("the replacement actor to generate", &mut || {
         rlhf_tests::actor_info(&address)

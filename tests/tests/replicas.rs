@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rlhf_tests::cluster::{cli, coordinator, embedded_store, job, status, submit, wait_state};
+use rlhf_tests::cluster::{
+    Agent, assignment, coordinator, embedded_store, job, status, submit, wait_state,
+};
 use rlhf_tests::*;
 
 fn rlhf(args: &[&str], env: &[(&str, &str)]) -> Child {
@@ -233,57 +235,6 @@ fn each_local_process_is_given_its_device_in_rlhf_device() {
     assert_eq!(metric_steps(&run), vec![1, 2]);
 }
 
-/// A pool worker process, killed on drop.
-struct Agent(Child);
-
-impl Agent {
-    fn start(url: &str, role: &str, node: &str, extra: &[&str]) -> Agent {
-        let child = Command::new(bin("rlhf"))
-            .args([
-                "worker",
-                "--role",
-                role,
-                "--coordinator",
-                url,
-                "--node",
-                node,
-            ])
-            .args(extra)
-            .env_remove("RLHF_DEVICE")
-            .env_remove("CUDA_VISIBLE_DEVICES")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        Agent(child)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn workers(url: &str) -> Vec<serde_json::Value> {
-    serde_json::from_slice(&cli(url, &["workers", "--json"]).stdout).unwrap()
-}
-
-/// The worker running assignment `<job>/<name>`, and that assignment.
-fn assignment(url: &str, job: &str, name: &str) -> Option<(serde_json::Value, serde_json::Value)> {
-    let id = format!("{job}/{name}");
-    workers(url).into_iter().find_map(|w| {
-        let a = w["assignments"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|a| a["id"] == id.as_str())
-            .cloned()?;
-        Some((w, a))
-    })
-}
-
 /// A ready assignment of generation `generation`, if it is one now.
 fn ready_at(url: &str, job: &str, name: &str, generation: u64) -> bool {
     assignment(url, job, name)
@@ -303,11 +254,11 @@ fn pool_workers_restart_a_killed_reward_replica_and_a_whole_ring_and_give_out_de
     );
     let url = c.url();
     let _pool = [
-        Agent::start(&url, "reward", "n1", &["--devices", "cuda:3"]),
-        Agent::start(&url, "reward", "n2", &[]),
-        Agent::start(&url, "learner", "n1", &["--devices", "cpu"]),
-        Agent::start(&url, "learner", "n2", &["--devices", "cpu"]),
-        Agent::start(&url, "actor", "n3", &[]),
+        Agent::start_with(&url, "reward", "n1", &["--devices", "cuda:3"], &[]),
+        Agent::start_with(&url, "reward", "n2", &[], &[]),
+        Agent::start_with(&url, "learner", "n1", &["--devices", "cpu"], &[]),
+        Agent::start_with(&url, "learner", "n2", &["--devices", "cpu"], &[]),
+        Agent::start_with(&url, "actor", "n3", &[], &[]),
     ];
     let extra = "[resources]\nreward_replicas = 2\nlearner_ranks = 2\n";
     let path = job(dir.path(), "pooled", STEPS, 0, extra);
