@@ -61,6 +61,59 @@ pub fn write(root: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> 
     Ok(final_path)
 }
 
+/// Writes a folder that appears whole or not at all: `fill` writes it under a temporary name
+/// beside `dir`, then every file is fsynced and the folder renamed to `dir`, replacing an
+/// earlier one. A `dir` that exists and holds files but no `config.json` is not taken for an
+/// earlier export and is left alone (an error says so).
+pub fn write_folder(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let Some(name) = dir.file_name() else {
+        bail!("{}: not a folder path", dir.display());
+    };
+    if dir.is_dir()
+        && !dir.join("config.json").is_file()
+        && std::fs::read_dir(dir)
+            .with_context(|| format!("listing {}", dir.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "{}: exists and is not a model folder (no config.json); not replacing it",
+            dir.display()
+        );
+    }
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let tmp = parent.join(format!(
+        ".{}.tmp-{}-{nonce}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let filled = fill(&tmp).and_then(|()| {
+        let files = list_files(&tmp)?;
+        for rel in &files {
+            sync_file(&tmp.join(rel))?;
+        }
+        for d in dirs_of(&tmp, &files) {
+            sync_dir(&d)?;
+        }
+        Ok(())
+    });
+    if let Err(e) = filled {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("replacing {}", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    sync_dir(parent)
+}
+
 /// Checks every file of the manifest (and that the manifest exists).
 pub fn verify(dir: &Path) -> Result<()> {
     let manifest_path = dir.join(MANIFEST);
@@ -189,6 +242,44 @@ fn sync_dir(path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_folder_replaces_an_earlier_one_whole_and_nothing_else() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("export");
+        let fill = |files: &'static [&'static str]| {
+            move |tmp: &Path| -> Result<()> {
+                for f in files {
+                    std::fs::write(tmp.join(f), f)?;
+                }
+                Ok(())
+            }
+        };
+        write_folder(&dir, fill(&["config.json", "a.safetensors"])).unwrap();
+        write_folder(&dir, fill(&["config.json", "b.safetensors"])).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["b.safetensors", "config.json"],
+            "no file of the first"
+        );
+        // A failed fill leaves the earlier folder and no temporary one.
+        let err = write_folder(&dir, |_| bail!("disk full")).unwrap_err();
+        assert!(err.to_string().contains("disk full"));
+        assert!(dir.join("b.safetensors").is_file());
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+        // A folder that is not a model folder is left alone.
+        let other = root.path().join("notes");
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join("todo.txt"), "keep me").unwrap();
+        let err = write_folder(&other, fill(&["config.json"])).unwrap_err();
+        assert!(err.to_string().contains("not a model folder"), "{err}");
+        assert!(other.join("todo.txt").is_file());
+    }
 
     #[test]
     fn write_verify_corrupt_prune() {

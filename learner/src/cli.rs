@@ -85,8 +85,14 @@ fn nccl(_p: &crate::config::ParallelConfig) -> Result<Box<dyn Collective>> {
     anyhow::bail!("parallel.backend = \"nccl\": this learner was built without the `nccl` feature")
 }
 
-/// Builds the engine (joining the ring when there are several ranks), prints the ready line and
-/// serves until Ctrl-C / SIGTERM.
+/// How long open connections may keep the server up once the engine has stopped (and
+/// checkpointed) after SIGTERM; a client stream that stays open longer is cut.
+const DRAIN: Duration = Duration::from_secs(10);
+
+/// Builds the engine (joining the collective when there are several ranks), prints the ready
+/// line and serves until Ctrl-C / SIGTERM. Then `Step` calls not started are refused, a running
+/// step finishes, rank 0 checkpoints the last applied step unless a checkpoint of it exists, and
+/// the function returns `Ok` (exit status 0) once that is done.
 pub fn serve_blocking(args: ServeArgs) -> Result<()> {
     let mut config = LearnerConfig::from_file(&args.config)?;
     if let Some(rank) = args.rank {
@@ -103,37 +109,78 @@ pub fn serve_blocking(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let resume = args.resume;
         let engine = tokio::task::spawn_blocking(move || -> Result<Engine> {
-            let collective: Box<dyn Collective> = if config.parallel.world_size() > 1 {
-                Box::new(
-                    TcpRing::connect(
-                        config.parallel.rank,
-                        &config.parallel.peers,
-                        Duration::from_secs(120),
-                        Duration::from_secs(600),
-                    )
-                    .context("joining the data-parallel ring")?,
-                )
-            } else {
-                Box::new(Solo)
-            };
+            let collective = collective(&config.parallel)?;
             let mut engine = Engine::new(config, collective)?;
             if resume {
-                let root = engine.config.output_dir.join("checkpoints");
-                if let Some(path) = crate::checkpoint::latest(&root) {
-                    crate::checkpoint::verify(&path)?;
-                    engine.load_state(&path)?;
-                    tracing::info!(path = %path.display(), step = engine.step(), "resumed");
-                }
+                resume_latest(&mut engine)?;
             }
             Ok(engine)
         })
         .await??;
         let learner = crate::server::start(engine);
+        let stopper = learner.stopper();
         println!(
             "{}{}",
             rlhf_proto::process::READY_PREFIX,
             listener.local_addr()?
         );
-        crate::server::serve(learner, listener, rlhf_proto::service::shutdown_signal()).await
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let server = crate::server::serve(learner, listener, async move {
+            let mut stop_rx = stop_rx;
+            let _ = stop_rx.wait_for(|s| *s).await;
+        });
+        tokio::pin!(server);
+        tokio::select! {
+            served = &mut server => {
+                return served.context("the learner service stopped");
+            }
+            () = rlhf_proto::service::shutdown_signal() => {}
+        }
+        tracing::info!("stop signal: finishing a running step, then checkpointing");
+        stop_tx.send_replace(true);
+        let (engine_done, engine_done_rx) = tokio::sync::oneshot::channel::<()>();
+        let stop = async move {
+            let stopped = stopper.stop().await;
+            let _ = engine_done.send(());
+            stopped
+        };
+        let drain = async move {
+            tokio::select! {
+                served = &mut server => served,
+                () = async {
+                    let _ = engine_done_rx.await;
+                    tokio::time::sleep(DRAIN).await;
+                } => {
+                    tracing::warn!("connections still open {DRAIN:?} after the engine stopped; exiting");
+                    Ok(())
+                }
+            }
+        };
+        let (served, stopped) = tokio::join!(drain, stop);
+        match stopped.context("checkpointing on the way out")? {
+            Some(path) => tracing::info!(path = %path.display(), "checkpoint written; stopped"),
+            None => tracing::info!("nothing new to checkpoint; stopped"),
+        }
+        served.context("the learner service")
     })
+}
+
+/// `--resume`: restores the newest checkpoint of the output folder, or says loudly that there
+/// is none (training then starts from the initial policy at step 0).
+fn resume_latest(engine: &mut Engine) -> Result<()> {
+    let root = engine.config.output_dir.join("checkpoints");
+    match crate::checkpoint::latest(&root) {
+        Some(path) => {
+            crate::checkpoint::verify(&path)?;
+            engine
+                .load_state(&path)
+                .with_context(|| format!("resuming from {}", path.display()))?;
+            tracing::info!(path = %path.display(), step = engine.step(), "resumed");
+        }
+        None => tracing::warn!(
+            folder = %root.display(),
+            "--resume: no checkpoint found; starting from the initial policy at step 0"
+        ),
+    }
+    Ok(())
 }

@@ -7,7 +7,7 @@
 //! so N ranks compute the same update as one rank with the whole batch.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -25,8 +25,7 @@ use serde::{Deserialize, Serialize};
 use crate::algo::grpo::{group_advantages, is_informative, soft_overlong_penalty};
 use crate::algo::kl::{KlController, KlEstimator, KlPlacement};
 use crate::algo::policy_loss::{KlLoss, Normalisation, PolicyBatch, PolicyLossConfig, policy_loss};
-use crate::algo::ppo::{gae, kl_rewards};
-use crate::algo::stats::masked_whiten;
+use crate::algo::ppo::{AdvantageOptions, kl_rewards, ppo_advantages};
 use crate::algo::transform::{ReferenceTable, RewardPipeline};
 use crate::collective::Collective;
 use crate::config::{Algorithm, LearnerConfig};
@@ -39,10 +38,22 @@ pub struct StepOutcome {
     pub step: u64,
     pub version: u64,
     pub metrics: BTreeMap<String, f64>,
+    /// Trajectories the step was given (all its rounds; before any selection).
     pub samples: u64,
     pub tokens: u64,
     pub seconds: f64,
     pub already_applied: bool,
+    /// DAPO dynamic sampling: the step was not applied because it lacks this many informative
+    /// groups (see [`Engine::train_round`]); 0 when it was applied.
+    pub missing_groups: u64,
+}
+
+impl StepOutcome {
+    /// Whether the step changed the engine (trained or skipped for want of data), as opposed to
+    /// being refused for more rounds or found already applied.
+    pub fn applied(&self) -> bool {
+        !self.already_applied && self.missing_groups == 0
+    }
 }
 
 /// SFT data for the regulariser, and where the next batch starts.
@@ -57,7 +68,8 @@ struct SftState {
 pub struct Engine {
     pub config: LearnerConfig,
     policy: Model,
-    reference: Model,
+    /// The frozen reference; `None` when β is fixed at 0 (never evaluated, so never loaded).
+    reference: Option<Model>,
     critic: Option<Model>,
     trainer: Trainer,
     critic_trainer: Option<Trainer>,
@@ -67,7 +79,12 @@ pub struct Engine {
     step: u64,
     version: u64,
     data_cursor: u64,
+    /// Informative groups carried over from earlier steps (at most one step's worth).
     carry: Vec<Trajectory>,
+    /// Dynamic sampling: `(step, target group count)` of the step being filled round by round.
+    round_target: Option<(u64, usize)>,
+    /// The step of the checkpoint this engine was restored from, if any.
+    restored_from: Option<u64>,
     sft: Option<SftState>,
     collective: Box<dyn Collective>,
 }
@@ -122,12 +139,11 @@ impl Engine {
                 policy.config.architecture
             );
         }
-        let reference_dir = config
-            .reference
-            .clone()
-            .unwrap_or_else(|| config.policy.clone());
-        let reference = Model::load(&reference_dir, &infer_dev)
-            .with_context(|| format!("reference {}", reference_dir.display()))?;
+        let reference = if tracks_reference(&config) {
+            Some(load_reference(&reference_dir(&config), &infer_dev)?)
+        } else {
+            None
+        };
         let critic = match config.algorithm {
             Algorithm::Ppo => {
                 let dir = config
@@ -191,6 +207,8 @@ impl Engine {
             version: 0,
             data_cursor: 0,
             carry: Vec::new(),
+            round_target: None,
+            restored_from: None,
             sft,
             collective,
         })
@@ -229,6 +247,45 @@ impl Engine {
         self.policy.named_tensors()
     }
 
+    /// The frozen reference's weights by HF name, when it is resident (not when β is fixed at
+    /// 0: then [`load_reference`] reads it from its folder).
+    pub fn resident_reference_tensors(&self) -> Option<Vec<NamedTensor>> {
+        self.reference.as_ref().map(Model::named_tensors)
+    }
+
+    /// The step of the checkpoint [`Engine::load_state`] last restored, if any.
+    pub fn restored_from(&self) -> Option<u64> {
+        self.restored_from
+    }
+
+    /// The groups carried over to the next step by dynamic sampling.
+    pub fn carried(&self) -> &[Trajectory] {
+        &self.carry
+    }
+
+    /// Writes the current policy as a Hugging Face model folder at `dir` (replacing an earlier
+    /// export there): `config.json` and `model.safetensors` in the dtype the initial policy's
+    /// `config.json` declares (float32 weights stay exact), the tokenizer files of the policy
+    /// folder, and its `generation_config.json` (one is written from the model's token ids when
+    /// it has none).
+    pub fn export_policy(&self, dir: &Path) -> Result<()> {
+        let options = SaveOptions {
+            dtype: self.policy.config.dtype,
+            ..Default::default()
+        };
+        crate::checkpoint::write_folder(dir, |tmp| {
+            self.policy
+                .valid()
+                .save_with_tokenizer(tmp, &options, &self.config.policy)
+                .with_context(|| {
+                    format!(
+                        "exporting the policy (tokenizer from {})",
+                        self.config.policy.display()
+                    )
+                })
+        })
+    }
+
     /// Replaces the r_ref table (values in the pipeline's objective order).
     pub fn set_reference_table(
         &mut self,
@@ -263,36 +320,87 @@ impl Engine {
         Ok(n)
     }
 
-    /// Trains on one step's trajectories. A step at or below the last applied one is not trained
-    /// again (`already_applied`).
+    /// Trains on one step's trajectories, whatever dynamic sampling finds in them:
+    /// [`Engine::train_round`] as the step's last round.
     pub fn train_step(
         &mut self,
         step: u64,
         trajectories: Vec<Trajectory>,
         data_cursor: u64,
     ) -> Result<StepOutcome> {
+        self.train_round(step, trajectories, data_cursor, true)
+    }
+
+    /// One call of step `step` with every trajectory the step has so far (all its rounds). A
+    /// step at or below the last applied one is not trained again (`already_applied`).
+    ///
+    /// With GRPO `dynamic_sampling` (DAPO), a step is filled with informative groups (rewards
+    /// not all equal) round by round:
+    /// - Its **target group count** is the number of groups in its first call, i.e. its first
+    ///   generation round (`prompts_per_step` prompts). The engine records it until the step is
+    ///   applied: a later call brings the first round's groups plus the new ones, so its own
+    ///   count would be too high. (A restarted learner has no record; the controller then starts
+    ///   the step over from its first round anyway.)
+    /// - When the groups carried over from earlier steps plus the informative groups of
+    ///   `trajectories` fall short of the target and `last_round` is false, nothing changes:
+    ///   the outcome has `missing_groups` = target − (carried + informative), and the caller
+    ///   generates another round and calls again with all of the step's trajectories.
+    /// - Otherwise the step trains on the carried groups first (the older data), then on new
+    ///   informative groups up to the target (fewer when a last round is short). New
+    ///   informative groups beyond the target are carried to the next step, at most one
+    ///   target's worth; the rest is dropped (verl's DAPO drops the whole surplus; carrying a
+    ///   bounded part keeps informative samples at a cost of one step of staleness, which the
+    ///   importance ratio against their behaviour log-probs corrects).
+    pub fn train_round(
+        &mut self,
+        step: u64,
+        trajectories: Vec<Trajectory>,
+        data_cursor: u64,
+        last_round: bool,
+    ) -> Result<StepOutcome> {
         let started = Instant::now();
-        if step <= self.step && self.step > 0 {
-            return Ok(StepOutcome {
-                step,
-                version: self.version,
-                metrics: BTreeMap::new(),
-                samples: 0,
-                tokens: 0,
-                seconds: 0.0,
-                already_applied: true,
-            });
-        }
-        let mut metrics = BTreeMap::new();
-        let mut timings = Timings::default();
         let samples = trajectories.len() as u64;
         let tokens: u64 = trajectories
             .iter()
             .map(|t| t.completion_ids.len() as u64)
             .sum();
-        self.reward_metrics(&trajectories, &mut metrics)?;
-
-        let selected = self.select(trajectories, &mut metrics)?;
+        let mut outcome = StepOutcome {
+            step,
+            version: self.version,
+            metrics: BTreeMap::new(),
+            samples,
+            tokens,
+            seconds: 0.0,
+            already_applied: false,
+            missing_groups: 0,
+        };
+        if step <= self.step && self.step > 0 {
+            return Ok(StepOutcome {
+                already_applied: true,
+                samples: 0,
+                tokens: 0,
+                ..outcome
+            });
+        }
+        let mut metrics = BTreeMap::new();
+        let mut timings = Timings::default();
+        let (selected, carry) = if self.dynamic_sampling() {
+            match self.select(step, &trajectories, last_round, &mut metrics)? {
+                Selection::Short { missing } => {
+                    outcome.metrics = metrics;
+                    outcome.missing_groups = missing as u64;
+                    outcome.seconds = started.elapsed().as_secs_f64();
+                    return Ok(outcome);
+                }
+                Selection::Train { trained, carry } => {
+                    self.reward_metrics(&trajectories, &mut metrics)?;
+                    (trained, Some(carry))
+                }
+            }
+        } else {
+            self.reward_metrics(&trajectories, &mut metrics)?;
+            (trajectories, None)
+        };
         let groups = group_order(&selected);
         let (rank, world) = (self.rank(), self.world());
         // This rank's groups, and where each group's samples sit in `work`.
@@ -338,6 +446,10 @@ impl Engine {
         }
         self.step = step;
         self.data_cursor = data_cursor;
+        if let Some(carry) = carry {
+            self.carry = carry;
+        }
+        self.round_target = None;
         metrics.insert("time/reference_s".into(), timings.reference);
         metrics.insert("time/policy_fwd_bwd_s".into(), timings.fwd_bwd);
         metrics.insert("time/optimizer_s".into(), timings.optimizer);
@@ -350,13 +462,10 @@ impl Engine {
             tokens as f64 / seconds.max(1e-9),
         );
         Ok(StepOutcome {
-            step,
             version: self.version,
             metrics,
-            samples,
-            tokens,
             seconds,
-            already_applied: false,
+            ..outcome
         })
     }
 
@@ -407,52 +516,74 @@ impl Engine {
         Ok(())
     }
 
-    /// GRPO dynamic sampling: uninformative groups are dropped, a shortfall is filled from groups
-    /// carried over from earlier steps, and a surplus is carried to the next step.
+    fn dynamic_sampling(&self) -> bool {
+        self.config.algorithm == Algorithm::Grpo && self.config.grpo.dynamic_sampling
+    }
+
+    /// GRPO dynamic sampling over one call of `step` (see [`Engine::train_round`]): the groups
+    /// to train on and the next carry, or how many informative groups are missing. Changes
+    /// nothing but the record of the step's target group count.
     fn select(
         &mut self,
-        ts: Vec<Trajectory>,
+        step: u64,
+        ts: &[Trajectory],
+        last_round: bool,
         metrics: &mut BTreeMap<String, f64>,
-    ) -> Result<Vec<Trajectory>> {
-        if !(self.config.algorithm == Algorithm::Grpo && self.config.grpo.dynamic_sampling) {
-            return Ok(ts);
-        }
-        let rewards = self.combined(&ts)?;
-        let groups = group_order(&ts);
-        let target = groups.len();
+    ) -> Result<Selection> {
+        let rewards = self.combined(ts)?;
+        let groups = group_order(ts);
+        let target = match self.round_target {
+            Some((s, target)) if s == step => target,
+            _ => {
+                self.round_target = Some((step, groups.len()));
+                groups.len()
+            }
+        };
         let informative: Vec<&Vec<usize>> = groups
             .iter()
             .filter(|g| is_informative(&rewards, g))
             .collect();
+        let carried = group_order(&self.carry);
+        let plan = dynamic_plan(target, carried.len(), informative.len(), last_round);
+        metrics.insert("dynamic_sampling/groups".into(), target as f64);
         metrics.insert(
             "dynamic_sampling/informative_groups".into(),
             informative.len() as f64,
         );
-        metrics.insert("dynamic_sampling/groups".into(), target as f64);
-        let carried = std::mem::take(&mut self.carry);
-        let carried_groups = group_order(&carried);
-        let mut out: Vec<Trajectory> = Vec::new();
-        let mut used = 0;
-        for g in &carried_groups {
-            if used == target {
-                break;
-            }
-            out.extend(g.iter().map(|&i| carried[i].clone()));
-            used += 1;
+        metrics.insert("dynamic_sampling/carried_in".into(), plan.carried_in as f64);
+        if plan.missing > 0 {
+            return Ok(Selection::Short {
+                missing: plan.missing,
+            });
         }
-        metrics.insert("dynamic_sampling/carried_in".into(), used as f64);
-        let mut carry_out = 0;
-        for g in informative {
-            if used < target {
-                out.extend(g.iter().map(|&i| ts[i].clone()));
-                used += 1;
-            } else if carry_out < target {
-                self.carry.extend(g.iter().map(|&i| ts[i].clone()));
-                carry_out += 1;
-            }
+        let take = |from: &[Trajectory], g: &[usize], out: &mut Vec<Trajectory>| {
+            out.extend(g.iter().map(|&i| from[i].clone()));
+        };
+        let mut trained = Vec::new();
+        for g in &carried[..plan.carried_in] {
+            take(&self.carry, g, &mut trained);
         }
-        metrics.insert("dynamic_sampling/carried_out".into(), carry_out as f64);
-        Ok(out)
+        for g in &informative[..plan.fresh] {
+            take(ts, g, &mut trained);
+        }
+        let mut carry = Vec::new();
+        for g in &informative[plan.fresh..plan.fresh + plan.carried_out] {
+            take(ts, g, &mut carry);
+        }
+        let uninformative = groups.len() - informative.len();
+        metrics.insert(
+            "dynamic_sampling/carried_out".into(),
+            plan.carried_out as f64,
+        );
+        metrics.insert(
+            "dynamic_sampling/dropped_groups".into(),
+            (uninformative + plan.dropped) as f64,
+        );
+        metrics.insert(
+            "dynamic_sampling/trained_groups".into(),
+            (plan.carried_in + plan.fresh) as f64,
+        );
+        Ok(Selection::Train { trained, carry })
     }
 
     /// The combined (transformed, weighted, shaped) scalar reward of each trajectory.
@@ -482,18 +613,16 @@ impl Engine {
         self.config.kl.estimator(self.kl_placement())
     }
 
-    /// Whether the reference policy is evaluated: not when β is fixed at 0 (as TRL with
-    /// `beta = 0`), which saves a forward pass per step; the step then reports no KL metrics.
     fn tracks_reference(&self) -> bool {
-        !matches!(self.config.kl.controller, KlController::Fixed { value } if value == 0.0)
+        tracks_reference(&self.config)
     }
 
     /// Reference log-probs, rewards, advantages (and values and returns for PPO) of this rank's
     /// trajectories.
     fn prepare(&mut self, mine: Vec<Trajectory>) -> Result<Vec<Work>> {
         let rewards = self.combined(&mine)?;
-        let ref_logp = if self.tracks_reference() {
-            self.forward_rows(&self.reference, &mine, |m, pairs| {
+        let ref_logp = if let Some(reference) = &self.reference {
+            self.forward_rows(reference, &mine, |m, pairs| {
                 Ok(m.completion_logprobs(pairs, self.config.temperature)?
                     .logprobs)
             })?
@@ -552,17 +681,25 @@ impl Engine {
         let ts: Vec<Trajectory> = work.iter().map(|w| w.t.clone()).collect();
         let values =
             self.forward_rows(&critic, &ts, |m, pairs| Ok(m.completion_values(pairs)?.0))?;
-        let in_reward = self.kl_placement() == KlPlacement::InReward;
+        let kl_beta = if self.kl_placement() == KlPlacement::InReward {
+            beta
+        } else {
+            0.0
+        };
         let width = work
             .iter()
             .map(|w| w.t.completion_ids.len())
             .max()
             .unwrap_or(0);
-        let (mut all_adv, mut mask) = (Vec::new(), Vec::new());
-        for (w, v) in work.iter_mut().zip(values) {
+        if width == 0 {
+            return Ok(());
+        }
+        // This rank's batch as padded [rows, width] matrices; values and rewards are 0 under
+        // padding, so GAE over the padded rows equals GAE over each completion.
+        let (mut all_values, mut all_rewards, mut mask) = (Vec::new(), Vec::new(), Vec::new());
+        for (w, v) in work.iter().zip(&values) {
             let n = w.t.completion_ids.len();
             // Per-token rewards: -β·kl (when the KL is in the reward) plus the score at the last token.
-            let kl_beta = if in_reward { beta } else { 0.0 };
             let r = kl_rewards(
                 &[w.reward],
                 &w.t.logprobs,
@@ -572,25 +709,33 @@ impl Engine {
                 kl_beta,
                 estimator,
             );
-            let g = gae(
-                &v,
-                &r.rewards,
-                n,
-                self.config.ppo.gamma,
-                self.config.ppo.lambda,
-            );
-            w.returns = g.returns;
-            w.old_values = v;
-            let mut padded = g.advantages;
-            padded.resize(width, 0.0);
-            all_adv.extend(padded);
+            let pad = |mut x: Vec<f32>| {
+                x.resize(width, 0.0);
+                x
+            };
+            all_values.extend(pad(v.clone()));
+            all_rewards.extend(pad(r.rewards));
             mask.extend((0..width).map(|c| if c < n { 1.0f32 } else { 0.0 }));
         }
-        if self.config.ppo.whiten_advantages && !work.is_empty() {
-            all_adv = masked_whiten(&all_adv, &mask, true);
-        }
-        for (i, w) in work.iter_mut().enumerate() {
-            w.advantages = all_adv[i * width..i * width + w.t.completion_ids.len()].to_vec();
+        let ppo = &self.config.ppo;
+        let options = AdvantageOptions {
+            gamma: ppo.gamma,
+            lambda: ppo.lambda,
+            whiten_rewards: ppo.whiten_rewards,
+            whiten_advantages: ppo.whiten_advantages,
+        };
+        // Rewards are whitened over this rank's completion tokens (TRL: over its rollout batch).
+        let out = ppo_advantages(&all_values, &all_rewards, &mask, &mask, width, &options)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "ppo.{e} on this rank; send more trajectories per step or turn it off"
+                )
+            })?;
+        for (i, (w, v)) in work.iter_mut().zip(values).enumerate() {
+            let row = i * width..i * width + w.t.completion_ids.len();
+            w.advantages = out.advantages[row.clone()].to_vec();
+            w.returns = out.returns[row].to_vec();
+            w.old_values = v;
         }
         Ok(())
     }
@@ -945,6 +1090,8 @@ impl Engine {
         self.kl = state.kl;
         self.reference_table = state.reference_table;
         self.carry = state.carry;
+        self.round_target = None;
+        self.restored_from = Some(state.step);
         if let Some(s) = &mut self.sft {
             s.cursor = state.sft_cursor % s.examples.len().max(1);
         }
@@ -989,6 +1136,92 @@ fn load_moments(path: &Path, trainer: &mut Trainer, step: u64) -> Result<()> {
     trainer.optimizer.state = state;
     trainer.optimizer.step = step;
     Ok(())
+}
+
+/// What dynamic sampling makes of one call of a step.
+enum Selection {
+    /// Not enough informative groups yet: this many more are needed.
+    Short { missing: usize },
+    /// Train on `trained`; carry `carry` to the next step.
+    Train {
+        trained: Vec<Trajectory>,
+        carry: Vec<Trajectory>,
+    },
+}
+
+/// DAPO dynamic sampling's arithmetic for one call of a step, in groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DynamicPlan {
+    /// Informative groups still missing; 0 when the step trains now.
+    pub missing: usize,
+    /// Carried groups trained on (or that would be, when `missing > 0`).
+    pub carried_in: usize,
+    /// New informative groups trained on.
+    pub fresh: usize,
+    /// New informative groups beyond the target, carried to the next step.
+    pub carried_out: usize,
+    /// Informative groups (carried or new) that fit neither the step nor the carry.
+    pub dropped: usize,
+}
+
+/// The plan for a step of `target` groups with `carried` groups carried over and `informative`
+/// new informative groups: short unless `last_round` or `carried + informative >= target`;
+/// else carried groups first, then new ones up to `target`, and at most `target` new groups
+/// carried on (the rule of [`Engine::train_round`]).
+pub fn dynamic_plan(
+    target: usize,
+    carried: usize,
+    informative: usize,
+    last_round: bool,
+) -> DynamicPlan {
+    let carried_in = carried.min(target);
+    if carried + informative < target && !last_round {
+        return DynamicPlan {
+            missing: target - carried - informative,
+            carried_in,
+            fresh: 0,
+            carried_out: 0,
+            dropped: 0,
+        };
+    }
+    let fresh = informative.min(target - carried_in);
+    let carried_out = (informative - fresh).min(target);
+    DynamicPlan {
+        missing: 0,
+        carried_in,
+        fresh,
+        carried_out,
+        dropped: (carried - carried_in) + (informative - fresh - carried_out),
+    }
+}
+
+/// Whether the reference policy is evaluated: not when β is fixed at 0 (as TRL with
+/// `beta = 0`), which saves its memory and a forward pass per step; the step then reports no KL
+/// metrics.
+fn tracks_reference(config: &LearnerConfig) -> bool {
+    !matches!(config.kl.controller, KlController::Fixed { value } if value == 0.0)
+}
+
+/// The frozen reference policy's folder: `reference`, else the initial `policy`.
+pub fn reference_dir(config: &LearnerConfig) -> PathBuf {
+    config
+        .reference
+        .clone()
+        .unwrap_or_else(|| config.policy.clone())
+}
+
+/// Loads the frozen reference policy from its folder (see [`reference_dir`]); it must be a
+/// causal LM.
+pub fn load_reference(dir: &Path, device: &Device) -> Result<Model> {
+    let model = Model::load(dir, device).with_context(|| format!("reference {}", dir.display()))?;
+    if model.head() != HeadKind::CausalLm {
+        bail!(
+            "reference {}: a causal LM is required, found {}",
+            dir.display(),
+            model.config.architecture
+        );
+    }
+    Ok(model)
 }
 
 /// A 64-bit seed from several numbers (SplitMix64 finaliser over each).
@@ -1151,4 +1384,115 @@ fn all_reduce_grads(collective: &mut dyn Collective, grads: &mut [NamedTensor]) 
         offset += n;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(
+        missing: usize,
+        carried_in: usize,
+        fresh: usize,
+        out: usize,
+        dropped: usize,
+    ) -> DynamicPlan {
+        DynamicPlan {
+            missing,
+            carried_in,
+            fresh,
+            carried_out: out,
+            dropped,
+        }
+    }
+
+    #[test]
+    fn dynamic_plan_asks_for_more_trains_on_fewer_last_and_bounds_the_carry() {
+        // Short of the target: nothing trains, the shortfall counts the carry in.
+        assert_eq!(dynamic_plan(4, 1, 2, false), plan(1, 1, 0, 0, 0));
+        assert_eq!(dynamic_plan(4, 0, 0, false), plan(4, 0, 0, 0, 0));
+        // The last round trains on what there is.
+        assert_eq!(dynamic_plan(4, 1, 2, true), plan(0, 1, 2, 0, 0));
+        // Exactly full.
+        assert_eq!(dynamic_plan(4, 0, 4, false), plan(0, 0, 4, 0, 0));
+        // Carried groups go first; the new surplus is carried on.
+        assert_eq!(dynamic_plan(4, 3, 2, false), plan(0, 3, 1, 1, 0));
+        // At most one step's worth is carried; the rest is dropped.
+        assert_eq!(dynamic_plan(4, 0, 11, false), plan(0, 0, 4, 4, 3));
+        // A carry larger than the target (the target shrank) keeps only what fits.
+        assert_eq!(dynamic_plan(2, 3, 1, false), plan(0, 2, 0, 1, 1));
+    }
+
+    /// The engine state goes through JSON: every f32 and f64 of it (the carried trajectories'
+    /// log-probs and rewards, the r_ref table, β) must come back bit for bit, or a restored run
+    /// would drift from an uninterrupted one. serde_json parses floats exactly only with its
+    /// `float_roundtrip` feature.
+    #[test]
+    fn engine_state_round_trips_floats_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut f32s = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    loop {
+                        let x = f32::from_bits(rand::Rng::random::<u32>(&mut rng));
+                        if x.is_finite() {
+                            break -x.abs();
+                        }
+                    }
+                })
+                .collect()
+        };
+        let carry: Vec<Trajectory> = (0..200)
+            .map(|i| Trajectory {
+                step: 1,
+                prompt_id: format!("p{i}"),
+                group_id: format!("p{i}"),
+                sample_index: 0,
+                prompt_ids: vec![3],
+                completion_ids: vec![4; 50],
+                logprobs: f32s(50),
+                weight_version: 0,
+                rewards: f32s(2),
+                finish_reason: "stop".into(),
+            })
+            .collect();
+        let state = EngineState {
+            step: 1,
+            version: 1,
+            data_cursor: 1,
+            kl: KlController::Fixed {
+                value: 0.1 + 0.2 + 1e-17,
+            },
+            reference_table: [("p".to_string(), f32s(100))].into_iter().collect(),
+            carry,
+            sft_cursor: 0,
+            trainer_step: 1,
+            critic_trainer_step: None,
+        };
+        let text = serde_json::to_string(&state).unwrap();
+        let back: EngineState = serde_json::from_str(&text).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for (a, b) in state.carry.iter().zip(&back.carry) {
+            assert_eq!(bits(&a.logprobs), bits(&b.logprobs), "{}", a.prompt_id);
+            assert_eq!(bits(&a.rewards), bits(&b.rewards), "{}", a.prompt_id);
+        }
+        assert_eq!(
+            bits(&state.reference_table["p"]),
+            bits(&back.reference_table["p"])
+        );
+        assert_eq!(state.kl.value().to_bits(), back.kl.value().to_bits());
+        // β is an f64 that the adaptive controller multiplies every step: any value.
+        for _ in 0..20_000 {
+            let value = loop {
+                let x = f64::from_bits(rand::Rng::random::<u64>(&mut rng));
+                if x.is_finite() {
+                    break x.abs();
+                }
+            };
+            let kl = KlController::Fixed { value };
+            let back: KlController =
+                serde_json::from_str(&serde_json::to_string(&kl).unwrap()).unwrap();
+            assert_eq!(back.value().to_bits(), value.to_bits(), "β = {value:e}");
+        }
+    }
 }

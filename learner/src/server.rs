@@ -1,15 +1,18 @@
 //! The learner service: gRPC handlers in front of the [`Engine`], which one thread owns.
 //!
-//! Pushed trajectories wait in a [`Buffer`]; `Step` takes its step's trajectories once the
-//! expected number has arrived and hands them to the engine thread; after every update the new
-//! weights are published for `StreamWeights` and `PublishWeights` (which pushes them to actors,
-//! see [`crate::publish`]). Only rank 0 writes checkpoints (every rank's state is identical after
-//! a step); every rank can restore one.
+//! Pushed trajectories wait in a [`Buffer`]; `Step` hands a copy of its step's trajectories to
+//! the engine thread once the expected number has arrived, and they are forgotten once the step
+//! is applied (under DAPO dynamic sampling a step short of informative groups is sent back for
+//! another round and keeps them). After every update the new weights are published for
+//! `StreamWeights` and `PublishWeights` (which pushes them to actors, see [`crate::publish`]).
+//! Only rank 0 writes checkpoints (every rank's state is identical after a step); every rank can
+//! restore one. A [`Stopper`] ends the service the way SIGTERM does: steps not started are
+//! refused, a running step finishes, and the last applied step is checkpointed.
 //!
 //! Every handler runs in [`trace::serve`], so its span and the calls it makes carry the caller's
 //! job, step and trace id; commands carry the handler's span to the engine thread.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +48,7 @@ enum Command {
         step: u64,
         trajectories: Vec<Trajectory>,
         cursor: u64,
+        last_round: bool,
         reply: oneshot::Sender<Result<StepOutcome>>,
     },
     SetReference {
@@ -53,12 +57,33 @@ enum Command {
         reply: oneshot::Sender<Result<usize>>,
     },
     Save {
-        reply: oneshot::Sender<Result<(PathBuf, u64, u64)>>,
+        /// Also export the policy as a Hugging Face folder here.
+        export: Option<PathBuf>,
+        reply: oneshot::Sender<Result<Saved>>,
     },
     Restore {
         path: Option<PathBuf>,
         reply: oneshot::Sender<Result<(PathBuf, u64, u64, u64)>>,
     },
+    /// The frozen reference's weights when resident (`None`: load them from its folder).
+    ReferenceWeights {
+        reply: oneshot::Sender<Result<Option<Vec<NamedTensor>>>>,
+    },
+    /// The last command: checkpoint the last applied step unless it is checkpointed already
+    /// (rank 0), then stop. Replies with the checkpoint written, if any.
+    Shutdown {
+        reply: oneshot::Sender<Result<Option<PathBuf>>>,
+    },
+}
+
+/// A checkpoint written on request.
+#[derive(Debug, Clone)]
+struct Saved {
+    path: PathBuf,
+    step: u64,
+    version: u64,
+    /// Where the policy was exported, when asked.
+    policy_dir: Option<PathBuf>,
 }
 
 /// What handlers read without asking the engine thread.
@@ -141,11 +166,41 @@ pub struct Learner {
     buffer: Arc<Buffer>,
     weights: watch::Receiver<Arc<Snapshot>>,
     status: watch::Receiver<Progress>,
+    /// Set once the learner is stopping (see [`Stopper`]).
+    stopping: watch::Receiver<bool>,
+    stop_tx: Arc<watch::Sender<bool>>,
+    /// The frozen reference's folder, for publishing it when it is not resident.
+    reference_dir: PathBuf,
     objectives: Vec<String>,
     vocab: usize,
     rank: u32,
     world: u32,
     algorithm: String,
+}
+
+/// Stops a learner the way SIGTERM does (see [`Stopper::stop`]); cloneable, usable while the
+/// service is being served.
+#[derive(Clone)]
+pub struct Stopper {
+    commands: mpsc::Sender<(tracing::Span, Command)>,
+    stop_tx: Arc<watch::Sender<bool>>,
+}
+
+impl Stopper {
+    /// Stops the learner for good: `Step` calls not started yet are refused (those waiting for
+    /// trajectories at once, with `UNAVAILABLE`), a step that is training finishes, and rank 0
+    /// then checkpoints the last applied step unless a checkpoint of it exists already. Returns
+    /// the checkpoint written, if any. Every later command is refused.
+    pub async fn stop(&self) -> Result<Option<PathBuf>> {
+        self.stop_tx.send_replace(true);
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send((tracing::Span::current(), Command::Shutdown { reply }))
+            .await
+            .map_err(|_| anyhow::anyhow!("the learner engine stopped already"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the learner engine stopped before checkpointing"))?
+    }
 }
 
 fn checkpoint_root(config: &LearnerConfig) -> PathBuf {
@@ -154,7 +209,7 @@ fn checkpoint_root(config: &LearnerConfig) -> PathBuf {
 
 /// Starts the engine thread; returns the service.
 pub fn start(engine: Engine) -> Learner {
-    let (commands, mut rx) = mpsc::channel::<(tracing::Span, Command)>(64);
+    let (commands, rx) = mpsc::channel::<(tracing::Span, Command)>(64);
     let first = Arc::new(Snapshot {
         version: engine.version(),
         tensors: engine.policy_tensors(),
@@ -164,6 +219,7 @@ pub fn start(engine: Engine) -> Learner {
         step: engine.step(),
         version: engine.version(),
     });
+    let (stop_tx, stopping) = watch::channel(false);
     let objectives = engine
         .config
         .rewards
@@ -174,56 +230,18 @@ pub fn start(engine: Engine) -> Learner {
     let vocab = engine.vocab_size();
     let (rank, world) = (engine.rank() as u32, engine.world() as u32);
     let algorithm = format!("{:?}", engine.config.algorithm).to_lowercase();
+    let reference_dir = crate::engine::reference_dir(&engine.config);
+    let thread = EngineThread {
+        // A resumed engine's state is the checkpoint it came from, until it trains.
+        checkpointed: engine.restored_from().filter(|&s| s == engine.step()),
+        engine,
+        weights: weights_tx,
+        status: status_tx,
+        stopping: stopping.clone(),
+    };
     std::thread::Builder::new()
         .name("learner-engine".into())
-        .spawn(move || {
-            let mut engine = engine;
-            while let Some((span, cmd)) = rx.blocking_recv() {
-                let _in_span = span.enter();
-                let before = engine.version();
-                match cmd {
-                    Command::Step {
-                        step,
-                        trajectories,
-                        cursor,
-                        reply,
-                    } => {
-                        let result =
-                            engine
-                                .train_step(step, trajectories, cursor)
-                                .and_then(|outcome| {
-                                    auto_checkpoint(&engine, step)?;
-                                    Ok(outcome)
-                                });
-                        let _ = reply.send(result);
-                    }
-                    Command::SetReference {
-                        objectives,
-                        rows,
-                        reply,
-                    } => {
-                        let _ = reply.send(engine.set_reference_table(&objectives, rows));
-                    }
-                    Command::Save { reply } => {
-                        let _ = reply.send(save(&engine));
-                    }
-                    Command::Restore { path, reply } => {
-                        let result = restore(&mut engine, path);
-                        let _ = reply.send(result);
-                    }
-                }
-                if engine.version() != before {
-                    let _ = weights_tx.send(Arc::new(Snapshot {
-                        version: engine.version(),
-                        tensors: engine.policy_tensors(),
-                    }));
-                }
-                let _ = status_tx.send(Progress {
-                    step: engine.step(),
-                    version: engine.version(),
-                });
-            }
-        })
+        .spawn(move || thread.run(rx))
         .expect("the engine thread starts");
     Learner {
         metrics: Metrics::new(),
@@ -231,6 +249,9 @@ pub fn start(engine: Engine) -> Learner {
         buffer: Arc::new(Buffer::default()),
         weights,
         status,
+        stopping,
+        stop_tx: Arc::new(stop_tx),
+        reference_dir,
         objectives,
         vocab,
         rank,
@@ -239,20 +260,148 @@ pub fn start(engine: Engine) -> Learner {
     }
 }
 
-fn auto_checkpoint(engine: &Engine, step: u64) -> Result<()> {
-    let every = engine.config.checkpoint.every_steps;
-    if every > 0 && step.is_multiple_of(every) && engine.rank() == 0 {
-        save(engine)?;
-    }
-    Ok(())
+/// The engine and what it tells the handlers, owned by the engine thread.
+struct EngineThread {
+    engine: Engine,
+    weights: watch::Sender<Arc<Snapshot>>,
+    status: watch::Sender<Progress>,
+    stopping: watch::Receiver<bool>,
+    /// The step of the last checkpoint written or restored.
+    checkpointed: Option<u64>,
 }
 
-fn save(engine: &Engine) -> Result<(PathBuf, u64, u64)> {
+impl EngineThread {
+    fn run(mut self, mut rx: mpsc::Receiver<(tracing::Span, Command)>) {
+        while let Some((span, cmd)) = rx.blocking_recv() {
+            let _in_span = span.enter();
+            match cmd {
+                Command::Step {
+                    step,
+                    trajectories,
+                    cursor,
+                    last_round,
+                    reply,
+                } => {
+                    let result = if *self.stopping.borrow() {
+                        Err(anyhow::anyhow!(
+                            "step {step} not started: the learner is shutting down"
+                        ))
+                    } else {
+                        self.step(step, trajectories, cursor, last_round)
+                    };
+                    self.publish(false);
+                    let _ = reply.send(result);
+                }
+                Command::SetReference {
+                    objectives,
+                    rows,
+                    reply,
+                } => {
+                    let _ = reply.send(self.engine.set_reference_table(&objectives, rows));
+                }
+                Command::Save { export, reply } => {
+                    let _ = reply.send(self.save(export.as_deref()));
+                }
+                Command::Restore { path, reply } => {
+                    let result = restore(&mut self.engine, path);
+                    if let Ok((_, step, _, _)) = &result {
+                        self.checkpointed = Some(*step);
+                    }
+                    // New weights even when the version number is the same.
+                    self.publish(result.is_ok());
+                    let _ = reply.send(result);
+                }
+                Command::ReferenceWeights { reply } => {
+                    let _ = reply.send(Ok(self.engine.resident_reference_tensors()));
+                }
+                Command::Shutdown { reply } => {
+                    let _ = reply.send(self.final_checkpoint());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn step(
+        &mut self,
+        step: u64,
+        trajectories: Vec<Trajectory>,
+        cursor: u64,
+        last_round: bool,
+    ) -> Result<StepOutcome> {
+        let outcome = self
+            .engine
+            .train_round(step, trajectories, cursor, last_round)?;
+        let every = self.engine.config.checkpoint.every_steps;
+        if outcome.applied() && every > 0 && step.is_multiple_of(every) && self.engine.rank() == 0 {
+            let path = save(&self.engine)?;
+            self.checkpointed = Some(self.engine.step());
+            tracing::debug!(path = %path.display(), "periodic checkpoint");
+        }
+        Ok(outcome)
+    }
+
+    /// `SaveCheckpoint` (rank 0: see the handler).
+    fn save(&mut self, export: Option<&Path>) -> Result<Saved> {
+        let path = save(&self.engine)?;
+        self.checkpointed = Some(self.engine.step());
+        let policy_dir = match export {
+            Some(dir) => {
+                self.engine.export_policy(dir).with_context(|| {
+                    format!(
+                        "checkpoint {} written, but exporting the policy to {} failed",
+                        path.display(),
+                        dir.display()
+                    )
+                })?;
+                tracing::info!(dir = %dir.display(), step = self.engine.step(), "policy exported");
+                Some(dir.to_path_buf())
+            }
+            None => None,
+        };
+        Ok(Saved {
+            path,
+            step: self.engine.step(),
+            version: self.engine.version(),
+            policy_dir,
+        })
+    }
+
+    /// On the way out: rank 0 checkpoints the last applied step if no checkpoint has it.
+    fn final_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        let step = self.engine.step();
+        if self.engine.rank() != 0 || step == 0 || self.checkpointed == Some(step) {
+            return Ok(None);
+        }
+        let path = save(&self.engine)?;
+        self.checkpointed = Some(step);
+        Ok(Some(path))
+    }
+
+    /// Tells the handlers the engine's step and version (and its weights, when their version
+    /// changed or `weights` says so) before a reply goes out, so a caller that got a reply never
+    /// sees older ones.
+    fn publish(&self, weights: bool) {
+        let e = &self.engine;
+        if weights || self.weights.borrow().version != e.version() {
+            self.weights.send_replace(Arc::new(Snapshot {
+                version: e.version(),
+                tensors: e.policy_tensors(),
+            }));
+        }
+        self.status.send_replace(Progress {
+            step: e.step(),
+            version: e.version(),
+        });
+    }
+}
+
+fn save(engine: &Engine) -> Result<PathBuf> {
     let root = checkpoint_root(&engine.config);
     let path = checkpoint::write(&root, engine.step(), |dir| engine.save_state(dir))?;
     checkpoint::prune(&root, engine.config.checkpoint.keep)?;
     tracing::info!(path = %path.display(), step = engine.step(), "checkpoint written");
-    Ok((path, engine.step(), engine.version()))
+    Ok(path)
 }
 
 fn restore(engine: &mut Engine, path: Option<PathBuf>) -> Result<(PathBuf, u64, u64, u64)> {
@@ -341,64 +490,150 @@ impl Learner {
             .map_err(internal)
     }
 
+    /// A handle that stops this learner (see [`Stopper::stop`]).
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            commands: self.commands.clone(),
+            stop_tx: self.stop_tx.clone(),
+        }
+    }
+
+    /// Resolves once the learner is stopping.
+    async fn stopped(&self) {
+        let mut stopping = self.stopping.clone();
+        // An error means the sender is gone, which only happens with the service itself.
+        let _ = stopping.wait_for(|s| *s).await;
+    }
+
     /// The weights once their version is at least `spec.min_version`, encoded as `spec` asks.
     async fn weight_chunks(
         &self,
         spec: WeightsSpec,
     ) -> Result<(u64, Vec<v1::WeightChunk>), Status> {
         let mut weights = self.weights.clone();
-        let snapshot = tokio::time::timeout(
-            spec.timeout,
-            weights.wait_for(|s| s.version >= spec.min_version),
-        )
-        .await
-        .map_err(|_| {
-            Status::deadline_exceeded(format!(
-                "weight version {} not reached within {} s",
-                spec.min_version, spec.timeout_seconds
-            ))
-        })?
-        .map_err(|_| Status::unavailable("the learner engine stopped"))?
-        .clone();
+        let waited = tokio::select! {
+            w = tokio::time::timeout(
+                spec.timeout,
+                weights.wait_for(|s| s.version >= spec.min_version),
+            ) => w,
+            () = self.stopped() => {
+                return Err(Status::unavailable(format!(
+                    "weight version {}: the learner is shutting down",
+                    spec.min_version
+                )));
+            }
+        };
+        let snapshot = waited
+            .map_err(|_| {
+                Status::deadline_exceeded(format!(
+                    "weight version {} not reached within {} s",
+                    spec.min_version, spec.timeout_seconds
+                ))
+            })?
+            .map_err(|_| Status::unavailable("the learner engine stopped"))?
+            .clone();
         let version = snapshot.version;
-        let span = tracing::Span::current();
-        let chunks = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| encode_snapshot(&snapshot, spec.dtype, spec.chunk_bytes))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("encoding the weights failed: {e}")))?;
-        Ok((version, chunks))
+        Ok((version, encode(snapshot, spec).await?))
     }
 
-    /// `Step`: waits for the step's trajectories, then trains on them.
+    /// The frozen reference's weights as version 0, encoded as `spec` asks: the resident
+    /// reference's, else read from its folder for this call.
+    async fn reference_chunks(&self, spec: WeightsSpec) -> Result<Vec<v1::WeightChunk>, Status> {
+        let resident = self
+            .call(|reply| Command::ReferenceWeights { reply })
+            .await?;
+        let tensors = match resident {
+            Some(t) => t,
+            None => {
+                let dir = self.reference_dir.clone();
+                let span = tracing::Span::current();
+                tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| -> Result<Vec<NamedTensor>> {
+                        tracing::info!(dir = %dir.display(), "loading the reference to publish it");
+                        let device = rlhf_model::device::inference_device()?;
+                        Ok(crate::engine::load_reference(&dir, &device)?.named_tensors())
+                    })
+                })
+                .await
+                .map_err(|e| Status::internal(format!("loading the reference failed: {e}")))?
+                .map_err(|e| Status::failed_precondition(format!("{e:#}")))?
+            }
+        };
+        encode(
+            Arc::new(Snapshot {
+                version: 0,
+                tensors,
+            }),
+            spec,
+        )
+        .await
+    }
+
+    /// `Step`: waits for the step's trajectories, then trains on them (or, under dynamic
+    /// sampling, says how many informative groups it still lacks).
     #[tracing::instrument(skip_all, fields(step = r.step, samples = tracing::field::Empty))]
     async fn train(&self, r: v1::StepRequest) -> Result<v1::StepReport, Status> {
+        // Applied before (after a restore, or a retried call): its trajectories are gone.
+        let progress = self.status.borrow().clone();
+        if r.step <= progress.step && progress.step > 0 {
+            self.buffer.finish(r.step);
+            return Ok(v1::StepReport {
+                step: r.step,
+                weight_version: progress.version,
+                already_applied: true,
+                ..Default::default()
+            });
+        }
         let timeout = if r.timeout_seconds > 0.0 {
             r.timeout_seconds
         } else {
             600.0
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(timeout);
-        let trajectories = self
-            .buffer
-            .take(r.step, r.expected_samples as usize, deadline)
-            .await
-            .map_err(|have| {
-                Status::deadline_exceeded(format!(
-                    "step {}: {have} of {} trajectories arrived within {timeout} s",
-                    r.step, r.expected_samples
-                ))
-            })?;
+        let wait = Duration::try_from_secs_f64(timeout).map_err(|_| {
+            Status::invalid_argument(format!("timeout_seconds: {timeout} is not a duration"))
+        })?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let waited = tokio::select! {
+            w = self.buffer.wait_for(r.step, r.expected_samples as usize, deadline) => w,
+            () = self.stopped() => {
+                return Err(Status::unavailable(format!(
+                    "step {} not started: the learner is shutting down",
+                    r.step
+                )));
+            }
+        };
+        let trajectories = waited.map_err(|have| {
+            Status::deadline_exceeded(format!(
+                "step {}: {have} of {} trajectories arrived within {timeout} s",
+                r.step, r.expected_samples
+            ))
+        })?;
         tracing::Span::current().record("samples", trajectories.len());
         let outcome = self
             .call(|reply| Command::Step {
                 step: r.step,
                 trajectories,
                 cursor: r.data_cursor,
+                last_round: r.last_round,
                 reply,
             })
-            .await?;
-        if !outcome.already_applied {
+            .await
+            .map_err(|s| {
+                if *self.stopping.borrow() {
+                    Status::unavailable(s.message().to_string())
+                } else {
+                    s
+                }
+            })?;
+        if outcome.missing_groups > 0 {
+            tracing::info!(
+                missing_groups = outcome.missing_groups,
+                "step short of informative groups; waiting for another round"
+            );
+        } else {
+            self.buffer.finish(r.step);
+        }
+        if outcome.applied() {
             self.metrics.steps.inc();
             self.metrics.step_seconds.observe(outcome.seconds);
         }
@@ -411,9 +646,22 @@ impl Learner {
             tokens: outcome.tokens,
             seconds: outcome.seconds,
             already_applied: outcome.already_applied,
-            missing_groups: 0,
+            missing_groups: outcome.missing_groups,
         })
     }
+}
+
+/// `snapshot` as chunks, encoded off the async threads.
+async fn encode(
+    snapshot: Arc<Snapshot>,
+    spec: WeightsSpec,
+) -> Result<Vec<v1::WeightChunk>, Status> {
+    let span = tracing::Span::current();
+    tokio::task::spawn_blocking(move || {
+        span.in_scope(|| encode_snapshot(&snapshot, spec.dtype, spec.chunk_bytes))
+    })
+    .await
+    .map_err(|e| Status::internal(format!("encoding the weights failed: {e}")))
 }
 
 #[tonic::async_trait]
@@ -496,7 +744,11 @@ impl LearnerService for Learner {
         let (metadata, _, r) = request.into_parts();
         trace::serve("learner.publish_weights", &metadata, async move {
             let spec = WeightsSpec::new(r.min_version, &r.dtype, r.chunk_bytes, r.timeout_seconds)?;
-            let (version, chunks) = self.weight_chunks(spec).await?;
+            let (version, chunks) = if r.reference {
+                (0, self.reference_chunks(spec).await?)
+            } else {
+                self.weight_chunks(spec).await?
+            };
             let outcomes =
                 publish::publish(&r.actor_addresses, Arc::new(chunks), spec.timeout).await;
             for o in &outcomes {
@@ -548,13 +800,26 @@ impl LearnerService for Learner {
         &self,
         request: Request<v1::SaveCheckpointRequest>,
     ) -> Result<Response<v1::CheckpointInfo>, Status> {
-        trace::serve("learner.save_checkpoint", request.metadata(), async {
-            let (path, step, version) = self.call(|reply| Command::Save { reply }).await?;
+        let (metadata, _, r) = request.into_parts();
+        trace::serve("learner.save_checkpoint", &metadata, async move {
+            // Every rank holds the same state and they share the output folder.
+            if self.rank != 0 {
+                return Err(Status::failed_precondition(format!(
+                    "rank {} does not write checkpoints; ask rank 0",
+                    self.rank
+                )));
+            }
+            let export =
+                (!r.export_policy_dir.is_empty()).then(|| PathBuf::from(r.export_policy_dir));
+            let saved = self.call(|reply| Command::Save { export, reply }).await?;
             Ok(Response::new(v1::CheckpointInfo {
-                path: path.display().to_string(),
-                step,
-                weight_version: version,
-                policy_dir: String::new(),
+                path: saved.path.display().to_string(),
+                step: saved.step,
+                weight_version: saved.version,
+                policy_dir: saved
+                    .policy_dir
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default(),
             }))
         })
         .await

@@ -147,8 +147,11 @@ impl Buffer {
         self.total() == 0
     }
 
-    /// Waits until `step` holds `expected` trajectories (or `deadline`), then takes them.
-    pub async fn take(
+    /// Waits until `step` holds at least `expected` trajectories (or `deadline`: the error is
+    /// how many it holds), then returns a copy of them. They stay buffered until
+    /// [`Buffer::finish`]: a step that dynamic sampling sends back for another round is called
+    /// again with all of its trajectories, the new round's added to the earlier ones.
+    pub async fn wait_for(
         &self,
         step: u64,
         expected: usize,
@@ -156,19 +159,69 @@ impl Buffer {
     ) -> Result<Vec<Trajectory>, usize> {
         loop {
             let notified = self.arrived.notified();
-            let have = self.len(step);
-            if have >= expected {
-                let mut steps = self.steps.lock().expect("buffer lock");
-                // Older steps can no longer be trained on: drop them.
-                let stale: Vec<u64> = steps.range(..step).map(|(k, _)| *k).collect();
-                for k in stale {
-                    steps.remove(&k);
+            {
+                let steps = self.steps.lock().expect("buffer lock");
+                let have = steps.get(&step).map_or(&[][..], Vec::as_slice);
+                if have.len() >= expected {
+                    return Ok(have.to_vec());
                 }
-                return Ok(steps.remove(&step).unwrap_or_default());
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(self.len(step));
             }
         }
+    }
+
+    /// Forgets the trajectories of `step` and of every older step (trained, or never to be).
+    pub fn finish(&self, step: u64) {
+        let mut steps = self.steps.lock().expect("buffer lock");
+        *steps = match step.checked_add(1) {
+            Some(next) => steps.split_off(&next),
+            None => BTreeMap::new(),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(step: u64, prompt: &str, i: u32) -> Trajectory {
+        Trajectory {
+            step,
+            prompt_id: prompt.into(),
+            group_id: prompt.into(),
+            sample_index: i,
+            prompt_ids: vec![3],
+            completion_ids: vec![4],
+            logprobs: vec![-1.0],
+            weight_version: 0,
+            rewards: vec![i as f32],
+            finish_reason: "stop".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn waiting_keeps_a_step_until_it_is_finished_and_retries_replace() {
+        let b = Buffer::default();
+        let soon = || tokio::time::Instant::now() + std::time::Duration::from_millis(50);
+        for i in 0..2 {
+            b.push(t(1, "a", i));
+            b.push(t(2, "b", i));
+        }
+        // A retried push of the same sample replaces the earlier copy.
+        let mut again = t(1, "a", 1);
+        again.rewards = vec![9.0];
+        b.push(again.clone());
+        assert_eq!(b.wait_for(1, 3, soon()).await, Err(2));
+        let first = b.wait_for(1, 2, soon()).await.unwrap();
+        assert_eq!(first.len(), 2);
+        assert!(first.contains(&again));
+        // Waiting took nothing: a second round adds to the first.
+        b.push(t(1, "c", 0));
+        assert_eq!(b.wait_for(1, 3, soon()).await.unwrap().len(), 3);
+        b.push(t(3, "d", 0));
+        b.finish(2);
+        assert_eq!((b.len(1), b.len(2), b.len(3)), (0, 0, 1));
     }
 }

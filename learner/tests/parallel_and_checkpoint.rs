@@ -1,5 +1,6 @@
 //! Data-parallel ranks compute the single-rank update; a restored run continues exactly like an
-//! uninterrupted one; a corrupted checkpoint is refused.
+//! uninterrupted one; a corrupted checkpoint is refused; a learner process stopped by SIGTERM
+//! checkpoints its last step and a restart resumes there.
 
 mod common;
 
@@ -11,6 +12,8 @@ use rlhf_learner::algo::kl::KlController;
 use rlhf_learner::algo::transform::Transform;
 use rlhf_learner::collective::{Solo, TcpRing};
 use rlhf_learner::{Engine, checkpoint};
+use rlhf_proto::process::ServiceProcess;
+use rlhf_proto::v1;
 
 fn free_ports(n: usize) -> Vec<String> {
     let listeners: Vec<TcpListener> = (0..n)
@@ -174,4 +177,182 @@ fn restore_continues_exactly_and_corruption_is_refused() {
     std::fs::write(&weights, bytes).unwrap();
     let err = checkpoint::verify(&ckpt).unwrap_err().to_string();
     assert!(err.contains("policy/model.safetensors"), "{err}");
+}
+
+/// Two samples of prompt `id` for `step`, rewards 0 and 1.
+fn group(step: u64, id: &str) -> Vec<v1::Trajectory> {
+    (0..2u32)
+        .map(|i| v1::Trajectory {
+            job_id: String::new(),
+            step,
+            prompt_id: id.into(),
+            group_id: id.into(),
+            sample_index: i,
+            prompt_ids: vec![3, 4, 5],
+            completion_ids: vec![6 + i, 7, 8],
+            logprobs: vec![-1.5, -2.0, -1.0],
+            weight_version: 0,
+            rewards: vec![i as f32],
+            finish_reason: "length".into(),
+            metadata: Default::default(),
+        })
+        .collect()
+}
+
+/// The learner binary on `config`, its stderr (the log) going to `log`.
+fn learner_process(
+    config: &std::path::Path,
+    log: &std::path::Path,
+    extra: &[&str],
+) -> ServiceProcess {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_learner"));
+    cmd.args([
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .args(extra)
+    .env("RUST_LOG", "info")
+    .stderr(std::fs::File::create(log).unwrap());
+    ServiceProcess::spawn(cmd, Duration::from_secs(60)).expect("learner starts")
+}
+
+fn client(p: &ServiceProcess) -> rlhf_proto::client::LearnerClient {
+    rlhf_proto::client::learner(
+        &p.url(),
+        rlhf_proto::client::Timeouts::request(Duration::from_secs(120)),
+    )
+    .unwrap()
+}
+
+fn step_request(step: u64, expected: u64) -> v1::StepRequest {
+    v1::StepRequest {
+        step,
+        expected_samples: expected,
+        timeout_seconds: 300.0,
+        data_cursor: step,
+        last_round: true,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_checkpoints_the_last_step_and_a_restart_resumes_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tiny_policy(tmp.path(), 9);
+    let config = config(
+        &policy,
+        &tmp.path().join("out"),
+        &[("target", Transform::Identity, 1.0)],
+    );
+    // The defaults checkpoint every 5 steps: steps 1 and 2 are not checkpointed by themselves.
+    assert_eq!(config.checkpoint.every_steps, 5);
+    // Long enough steps that the signal is likely to come while step 2 trains.
+    let mut config = config;
+    config.optim.epochs = 700;
+    let root = config.output_dir.join("checkpoints");
+    let config_path = tmp.path().join("learner.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let log = tmp.path().join("learner.log");
+
+    // `--resume` without a checkpoint says so, and starts at step 0.
+    let mut server = learner_process(&config_path, &log, &["--resume"]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("WARN") && text.contains("no checkpoint found"),
+        "{text}"
+    );
+    let mut c = client(&server);
+    let info = c
+        .info(v1::LearnerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.step, 0);
+
+    let push = |mut c: rlhf_proto::client::LearnerClient, ts: Vec<v1::Trajectory>| async move {
+        let r = c
+            .push_rollouts(tokio_stream::iter(ts))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.rejected, 0, "{}", r.message);
+    };
+    push(c.clone(), [group(1, "a"), group(1, "b")].concat()).await;
+    let r = c.step(step_request(1, 4)).await.unwrap().into_inner();
+    assert_eq!((r.step, r.weight_version), (1, 1));
+    assert!(
+        checkpoint::latest(&root).is_none(),
+        "no checkpoint before SIGTERM"
+    );
+
+    // Step 2 has its trajectories (it may be training when the signal comes); step 3 waits for
+    // trajectories that never come.
+    push(c.clone(), [group(2, "a"), group(2, "b")].concat()).await;
+    let mut c2 = c.clone();
+    let running = tokio::spawn(async move { c2.step(step_request(2, 4)).await });
+    let mut c3 = c.clone();
+    let waiting = tokio::spawn(async move { c3.step(step_request(3, 1000)).await });
+    // Let both calls reach the learner (either outcome of step 2 is checked below).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // It exits by itself, with status 0.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let exit = loop {
+        if let Some(s) = server.exit_status() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the learner did not exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    // The waiting step was abandoned (not held until its 300 s timeout).
+    let waited = waiting.await.unwrap();
+    assert!(waited.is_err(), "{waited:?}");
+    // The running step finished and is in the checkpoint, or never started and is not.
+    let last = match running.await.unwrap() {
+        Ok(r) => {
+            let r = r.into_inner();
+            assert_eq!((r.step, r.weight_version), (2, 2));
+            2
+        }
+        Err(status) => {
+            assert!(
+                status.message().contains("shutting down")
+                    || status.code() == tonic::Code::Unavailable,
+                "{status:?}"
+            );
+            1
+        }
+    };
+    let latest = checkpoint::latest(&root).expect("a checkpoint written on SIGTERM");
+    checkpoint::verify(&latest).unwrap();
+    assert_eq!(latest, root.join(checkpoint::name(last)));
+
+    // A restart resumes at that step.
+    let restarted = learner_process(
+        &config_path,
+        &tmp.path().join("restarted.log"),
+        &["--resume"],
+    );
+    let mut c = client(&restarted);
+    let info = c
+        .info(v1::LearnerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.step, info.weight_version), (last, last));
 }

@@ -353,3 +353,513 @@ async fn publish_weights_reaches_live_actors_and_reports_dead_and_stalled_ones()
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
+
+/// Pushes `ts` and checks that all were accepted.
+async fn push(client: &mut LearnerClient, ts: Vec<v1::Trajectory>) {
+    let n = ts.len() as u64;
+    let reply = client
+        .push_rollouts(tokio_stream::iter(ts))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (reply.accepted, reply.rejected),
+        (n, 0),
+        "{}",
+        reply.message
+    );
+}
+
+async fn step(client: &mut LearnerClient, step: u64, expected: u64, last: bool) -> v1::StepReport {
+    client
+        .step(v1::StepRequest {
+            step,
+            expected_samples: expected,
+            timeout_seconds: 30.0,
+            data_cursor: step,
+            last_round: last,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Two samples of prompt `id` for `step`: informative (rewards 0 and 1) or not (both 0.5).
+fn group(step: u64, id: &str, informative: bool) -> Vec<v1::Trajectory> {
+    (0..2u32)
+        .map(|i| v1::Trajectory {
+            job_id: String::new(),
+            step,
+            prompt_id: id.into(),
+            group_id: id.into(),
+            sample_index: i,
+            prompt_ids: vec![3, 4, 5],
+            completion_ids: vec![6 + i, 7, 8 + i],
+            logprobs: vec![-1.5, -2.25 - i as f32 * 0.1, -1.0],
+            weight_version: 0,
+            rewards: vec![if informative { i as f32 } else { 0.5 }],
+            finish_reason: "length".into(),
+            metadata: Default::default(),
+        })
+        .collect()
+}
+
+/// Groups `prefix0..` of `step`, the first `informative` of them informative.
+fn groups(step: u64, prefix: &str, n: usize, informative: usize) -> Vec<v1::Trajectory> {
+    (0..n)
+        .flat_map(|k| group(step, &format!("{prefix}{k}"), k < informative))
+        .collect()
+}
+
+fn metric(r: &v1::StepReport, key: &str) -> f64 {
+    *r.metrics
+        .get(key)
+        .unwrap_or_else(|| panic!("no metric {key}: {:?}", r.metrics))
+}
+
+fn dynamic_metrics(r: &v1::StepReport) -> [f64; 6] {
+    [
+        "groups",
+        "informative_groups",
+        "carried_in",
+        "carried_out",
+        "dropped_groups",
+        "trained_groups",
+    ]
+    .map(|k| metric(r, &format!("dynamic_sampling/{k}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dynamic_sampling_asks_for_rounds_trains_a_short_last_round_and_carries_the_surplus() {
+    let tmp = tempfile::tempdir().unwrap();
+    let policy = tiny_policy(tmp.path(), 8);
+    let mut config = config(
+        &policy,
+        &tmp.path().join("out"),
+        &[("target", Transform::Identity, 1.0)],
+    );
+    config.grpo.dynamic_sampling = true;
+    let config_path = tmp.path().join("learner.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let mut first = start(&config_path, &[]);
+    let mut c = learner_client(&first);
+
+    // Step 1, round 1: 4 groups (the step's target), 1 informative: 3 missing, nothing trained.
+    push(&mut c, groups(1, "a", 4, 1)).await;
+    let r = step(&mut c, 1, 8, false).await;
+    assert_eq!(
+        (
+            r.missing_groups,
+            r.weight_version,
+            r.samples,
+            r.already_applied
+        ),
+        (3, 0, 8, false)
+    );
+    assert_eq!(metric(&r, "dynamic_sampling/groups"), 4.0);
+    assert_eq!(metric(&r, "dynamic_sampling/informative_groups"), 1.0);
+    // Asking again counts nothing twice, and the trajectories stay buffered.
+    let again = step(&mut c, 1, 8, false).await;
+    assert_eq!((again.missing_groups, again.samples), (3, 8));
+    let info = c
+        .info(v1::LearnerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.step, info.weight_version, info.buffered_trajectories),
+        (0, 0, 8)
+    );
+
+    // Round 2 of the same step: 2 more informative groups. The target stays the first
+    // round's 4 groups, not the 8 the step now has.
+    push(&mut c, groups(1, "b", 4, 2)).await;
+    let r = step(&mut c, 1, 16, false).await;
+    assert_eq!((r.missing_groups, r.weight_version, r.samples), (1, 0, 16));
+    assert_eq!(metric(&r, "dynamic_sampling/groups"), 4.0);
+
+    // Round 3: 4 informative groups, 7 in all: 4 trained (a0 b0 b1 c0, in group order), 3
+    // carried (c1 c2 c3), the 5 uninformative ones dropped.
+    push(&mut c, groups(1, "c", 4, 4)).await;
+    let r = step(&mut c, 1, 24, false).await;
+    assert_eq!((r.missing_groups, r.weight_version, r.samples), (0, 1, 24));
+    assert_eq!(dynamic_metrics(&r), [4.0, 7.0, 0.0, 3.0, 5.0, 4.0]);
+    let info = c
+        .info(v1::LearnerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.step, info.buffered_trajectories), (1, 0));
+    let r = step(&mut c, 1, 24, false).await;
+    assert!(r.already_applied && r.weight_version == 1, "{r:?}");
+
+    // The carry is in the checkpoint, exactly as pushed.
+    let ckpt = c
+        .save_checkpoint(v1::SaveCheckpointRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(std::path::Path::new(&ckpt.path).join("state.json")).unwrap(),
+    )
+    .unwrap();
+    let carried: Vec<rlhf_learner::trajectory::Trajectory> =
+        serde_json::from_value(state["carry"].clone()).unwrap();
+    let expected: Vec<rlhf_learner::trajectory::Trajectory> = groups(1, "c", 4, 4)
+        .into_iter()
+        .filter(|t| t.group_id != "c0")
+        .map(|t| rlhf_learner::trajectory::Trajectory::from_proto(t, 1, VOCAB).unwrap())
+        .collect();
+    assert_eq!(carried, expected);
+
+    // Step 2 has no informative group of its own: the 3 carried ones fall 1 short, and the
+    // last round trains on them alone.
+    push(&mut c, groups(2, "d", 4, 0)).await;
+    let r = step(&mut c, 2, 8, false).await;
+    assert_eq!((r.missing_groups, r.weight_version), (1, 1));
+    assert_eq!(metric(&r, "dynamic_sampling/carried_in"), 3.0);
+    let uninterrupted = step(&mut c, 2, 8, true).await;
+    assert_eq!(
+        (uninterrupted.missing_groups, uninterrupted.weight_version),
+        (0, 2)
+    );
+    assert_eq!(
+        dynamic_metrics(&uninterrupted),
+        [4.0, 0.0, 3.0, 0.0, 4.0, 3.0]
+    );
+    first.kill();
+
+    // Restarted from step 1's checkpoint, the learner has the same carry: step 2 comes out
+    // the same, bit for bit.
+    let restarted = start(&config_path, &["--resume"]);
+    let mut c = learner_client(&restarted);
+    let info = c
+        .info(v1::LearnerInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.step, info.weight_version), (1, 1));
+    push(&mut c, groups(2, "d", 4, 0)).await;
+    let resumed = step(&mut c, 2, 8, true).await;
+    assert_eq!(resumed.weight_version, 2);
+    let timing = |k: &String| k.starts_with("time/") || k.as_str() == "tokens/trained_per_s";
+    let keys = |r: &v1::StepReport| {
+        let mut k: Vec<String> = r.metrics.keys().filter(|k| !timing(k)).cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&resumed), keys(&uninterrupted));
+    for k in keys(&uninterrupted) {
+        let (a, b) = (uninterrupted.metrics[&k], resumed.metrics[&k]);
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "{k}: {a} uninterrupted, {b} restored"
+        );
+    }
+}
+
+/// The tiny-llama fixture (config, weights and tokenizer of a real HF checkpoint).
+fn fixture_policy() -> std::path::PathBuf {
+    rlhf_model::testing::fixtures_dir().join("tiny-llama")
+}
+
+/// Trajectories of `step` for the fixture's vocabulary: `n` informative groups of two.
+fn fixture_rollouts(step: u64, n: usize) -> Vec<v1::Trajectory> {
+    (0..n)
+        .flat_map(|k| {
+            let mut g = group(step, &format!("p{k}"), true);
+            for t in &mut g {
+                t.prompt_ids = vec![0, 100 + k as u32, 200, 300];
+                t.completion_ids = t.completion_ids.iter().map(|&x| x * 37 % 512).collect();
+            }
+            g
+        })
+        .collect()
+}
+
+/// Logits of every position of `rows` under `model`.
+fn logits(model: &rlhf_model::Model, rows: &[&[u32]]) -> Vec<f32> {
+    let batch = rlhf_model::batch::TokenBatch::left_padded(rows, 2).unwrap();
+    let (hidden, _) = model.hidden_states(&batch, None, false);
+    rlhf_model::host::to_vec(model.lm_logits(hidden))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_checkpoint_exports_a_policy_folder_with_the_learners_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = fixture_policy();
+    let config = config(
+        &source,
+        &tmp.path().join("out"),
+        &[("target", Transform::Identity, 1.0)],
+    );
+    let config_path = tmp.path().join("learner.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let server = start(&config_path, &[]);
+    let mut c = learner_client(&server);
+    push(&mut c, fixture_rollouts(1, 2)).await;
+    assert_eq!(step(&mut c, 1, 4, true).await.weight_version, 1);
+
+    let export = tmp.path().join("exported");
+    for _ in 0..2 {
+        // The second export replaces the first.
+        let info = c
+            .save_checkpoint(v1::SaveCheckpointRequest {
+                export_policy_dir: export.display().to_string(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((info.step, info.weight_version), (1, 1));
+        assert_eq!(info.policy_dir, export.display().to_string());
+        rlhf_learner::checkpoint::verify(std::path::Path::new(&info.path)).unwrap();
+    }
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(export.join(f)).unwrap(),
+            std::fs::read(source.join(f)).unwrap(),
+            "{f} copied from the policy folder"
+        );
+    }
+    assert!(export.join("config.json").is_file() && export.join("model.safetensors").is_file());
+
+    // The folder loads on its own and computes what the learner's weights compute.
+    let device = rlhf_model::device::inference_device().unwrap();
+    let exported = rlhf_model::Model::load(&export, &device).unwrap();
+    rlhf_model::Tokenizer::from_dir(&export).unwrap();
+    let mut stream = c
+        .stream_weights(v1::WeightsRequest {
+            min_version: 1,
+            dtype: "float32".into(),
+            chunk_bytes: 1 << 16,
+            timeout_seconds: 10.0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut assembler = Assembler::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        assembler.push(chunk).unwrap();
+    }
+    let (version, wire) = assembler.finish().unwrap();
+    assert_eq!(version, 1);
+    let learner_weights: Vec<rlhf_model::weights::NamedTensor> = wire
+        .into_iter()
+        .map(|t| rlhf_model::weights::NamedTensor {
+            values: rlhf_model::dtype::decode(rlhf_model::DType::F32, &t.data),
+            shape: t.shape.iter().map(|&d| d as usize).collect(),
+            name: t.name,
+        })
+        .collect();
+    let initial = rlhf_model::Model::load(&source, &device).unwrap();
+    let learner = initial.clone().with_tensors(learner_weights).unwrap();
+    let rows: [&[u32]; 2] = [&[0, 17, 230, 41, 5], &[0, 300, 12]];
+    let got = logits(&exported, &rows);
+    assert_eq!(got, logits(&learner, &rows), "exported vs learner logits");
+    assert_ne!(got, logits(&initial, &rows), "the step changed the policy");
+
+    // A folder that is not a model folder is not replaced.
+    let err = c
+        .save_checkpoint(v1::SaveCheckpointRequest {
+            export_policy_dir: tmp.path().display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("not a model folder"),
+        "{}",
+        err.message()
+    );
+    assert!(config_path.is_file());
+}
+
+/// Serves a real actor of `model_dir` on a free loopback port; returns its `host:port`.
+async fn serve_real_actor(model_dir: &std::path::Path) -> String {
+    let device = rlhf_model::device::inference_device().unwrap();
+    let mut model = rlhf_model::Model::load(model_dir, &device).unwrap();
+    model.batch_invariant = true;
+    let tokenizer = rlhf_model::Tokenizer::from_dir(model_dir).unwrap();
+    let config = model.config.clone();
+    let engine = rlhf_actor::engine::start(
+        model,
+        Some(tokenizer.clone()),
+        rlhf_actor::engine::Limits {
+            max_sequences: 8,
+            max_kv_tokens: 4096,
+        },
+        0,
+    );
+    let actor = rlhf_actor::service::Actor::new(
+        engine,
+        config,
+        tokenizer,
+        model_dir.to_path_buf(),
+        8,
+        rlhf_actor::metrics::Metrics::new(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    tokio::spawn(rlhf_actor::service::serve(
+        actor,
+        listener,
+        std::future::pending(),
+    ));
+    address
+}
+
+/// Sampled completions of the actor (temperature 1, so their log-probs are the model's).
+async fn actor_samples(address: &str) -> Vec<v1::Completion> {
+    let mut actor =
+        rlhf_proto::client::actor(address, Timeouts::request(Duration::from_secs(60))).unwrap();
+    let prompts = [vec![0u32, 17, 230, 41], vec![0, 300, 12]]
+        .into_iter()
+        .enumerate()
+        .map(|(i, ids)| v1::PromptInput {
+            id: format!("q{i}"),
+            content: Some(v1::prompt_input::Content::Ids(v1::TokenIds { ids })),
+            metadata: Default::default(),
+        })
+        .collect();
+    let request = v1::GenerateRequest {
+        job_id: "test".into(),
+        step: 1,
+        prompts,
+        sampling: Some(v1::SamplingParams {
+            samples_per_prompt: 2,
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            max_new_tokens: 6,
+            stop: vec![],
+            stop_token_ids: vec![],
+            seed: 11,
+            ignore_eos: true,
+        }),
+        min_weight_version: 0,
+        reward_addresses: vec![],
+        learner_addresses: vec![],
+        reward_timeout_seconds: 0.0,
+        summaries_only: false,
+    };
+    let mut stream = actor.generate(request).await.unwrap().into_inner();
+    let mut out = Vec::new();
+    while let Some(c) = stream.message().await.unwrap() {
+        out.push(c);
+    }
+    assert_eq!(out.len(), 4);
+    out
+}
+
+/// The largest difference between the completions' log-probs and `model`'s.
+fn logprob_gap(model: &rlhf_model::Model, completions: &[v1::Completion]) -> f32 {
+    let pairs: Vec<(&[u32], &[u32])> = completions
+        .iter()
+        .map(|c| (c.prompt_ids.as_slice(), c.token_ids.as_slice()))
+        .collect();
+    let lens: Vec<usize> = completions.iter().map(|c| c.token_ids.len()).collect();
+    let ours = rlhf_model::logprobs::rows_to_host(
+        model.completion_logprobs(&pairs, 1.0).unwrap().logprobs,
+        &lens,
+    );
+    completions
+        .iter()
+        .zip(&ours)
+        .flat_map(|(c, o)| c.logprobs.iter().zip(o).map(|(a, b)| (a - b).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_reference_gives_actors_the_reference_policy_as_version_0() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = fixture_policy();
+    let device = rlhf_model::device::inference_device().unwrap();
+    // A reference that differs from the policy (as `[policy] reference` may).
+    let initial = rlhf_model::Model::load(&source, &device).unwrap();
+    let perturbed: Vec<rlhf_model::weights::NamedTensor> = initial
+        .named_tensors()
+        .into_iter()
+        .map(|mut t| {
+            for (i, v) in t.values.iter_mut().enumerate() {
+                *v += 0.05 * ((i % 7) as f32 - 3.0);
+            }
+            t
+        })
+        .collect();
+    let reference = initial.clone().with_tensors(perturbed).unwrap();
+    let reference_dir = tmp.path().join("reference");
+    reference
+        .save_with_tokenizer(&reference_dir, &Default::default(), &source)
+        .unwrap();
+
+    // β > 0 keeps the reference resident; β = 0 does not load it, so publishing reads it.
+    for beta in [0.04, 0.0] {
+        let mut config = config(
+            &source,
+            &tmp.path().join(format!("out-{beta}")),
+            &[("target", Transform::Identity, 1.0)],
+        );
+        config.reference = Some(reference_dir.clone());
+        config.kl.controller = rlhf_learner::algo::kl::KlController::Fixed { value: beta };
+        let config_path = tmp.path().join(format!("learner-{beta}.toml"));
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+        let server = start(&config_path, &[]);
+        let mut c = learner_client(&server);
+        let actor = serve_real_actor(&source).await;
+        let mut actor_client =
+            rlhf_proto::client::actor(&actor, Timeouts::request(Duration::from_secs(30))).unwrap();
+
+        // The actor first runs a trained policy, version 1.
+        push(&mut c, fixture_rollouts(1, 2)).await;
+        assert_eq!(step(&mut c, 1, 4, true).await.weight_version, 1);
+        let publish = |min_version, reference| v1::PublishWeightsRequest {
+            min_version,
+            dtype: "float32".into(),
+            chunk_bytes: 1 << 16,
+            timeout_seconds: 30.0,
+            actor_addresses: vec![actor.clone()],
+            reference,
+        };
+        let reply = c
+            .publish_weights(publish(1, false))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(reply.actors[0].ok, "{:?}", reply.actors[0]);
+        let info = actor_client
+            .info(v1::ActorInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.weight_version, 1);
+
+        // Then the reference, as version 0 (`min_version` is ignored): the actor takes the
+        // lower version and samples from the reference policy.
+        let reply = c
+            .publish_weights(publish(9, true))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.version, 0);
+        assert!(reply.actors[0].ok, "β {beta}: {:?}", reply.actors[0]);
+        let info = actor_client
+            .info(v1::ActorInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.weight_version, 0, "β {beta}");
+        let samples = actor_samples(&actor).await;
+        assert!(samples.iter().all(|s| s.weight_version == 0));
+        let to_reference = logprob_gap(&reference, &samples);
+        let to_policy = logprob_gap(&initial, &samples);
+        assert!(
+            to_reference < 1e-4 && to_policy > 1e-2,
+            "β {beta}: actor vs reference {to_reference}, vs the initial policy {to_policy}"
+        );
+    }
+}
