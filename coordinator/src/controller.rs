@@ -299,13 +299,9 @@ impl Controller {
                     // Scoring failed: a restarted reward replica makes the step worth redoing
                     // (the samples are seeded, so the redone ones are the same).
                     if regenerations < MAX_REGENERATIONS
-                        && let Some(rewards) = self.supervisor.rewards().await?
+                        && self.rewards_restarted(&format!("step {step}"), &e).await?
                     {
                         regenerations += 1;
-                        self.emit(Event::Log(format!(
-                            "step {step}: {e}; reward servers now {rewards:?}, generating the step again"
-                        )));
-                        self.endpoints.rewards = rewards;
                         continue;
                     }
                     return Err(e);
@@ -368,8 +364,7 @@ impl Controller {
             if !self.eval_prompts.is_empty()
                 && ((every > 0 && step.is_multiple_of(every)) || step == total)
             {
-                let trace = TraceContext::new(&self.job_id, step);
-                metrics.extend(trace.scope(self.evaluate(step)).await?);
+                metrics.extend(self.evaluate_with_restarts(step).await?);
             }
             if step == total {
                 self.save_final().await?;
@@ -474,6 +469,41 @@ impl Controller {
             self.endpoints.rewards = rewards;
         }
         Ok(())
+    }
+
+    /// After `e` (scoring failed during `what`): whether the supervisor restarted reward
+    /// replicas, so that the work is worth redoing; their addresses are taken.
+    async fn rewards_restarted(&mut self, what: &str, e: &anyhow::Error) -> Result<bool> {
+        let Some(rewards) = self.supervisor.rewards().await? else {
+            return Ok(false);
+        };
+        self.emit(Event::Log(format!(
+            "{what}: {e:#}; reward servers now {rewards:?}, doing it again"
+        )));
+        self.endpoints.rewards = rewards;
+        Ok(true)
+    }
+
+    /// [`Self::evaluate`], done again (at most [`MAX_REGENERATIONS`] times) when its scoring
+    /// failed and reward replicas were restarted.
+    async fn evaluate_with_restarts(&mut self, step: u64) -> Result<BTreeMap<String, f64>> {
+        let mut attempts = 0;
+        loop {
+            let trace = TraceContext::new(&self.job_id, step);
+            match trace.scope(self.evaluate(step)).await {
+                Ok(m) => return Ok(m),
+                Err(e)
+                    if e.downcast_ref::<DownstreamError>().is_some()
+                        && attempts < MAX_REGENERATIONS
+                        && self
+                            .rewards_restarted(&format!("evaluation of step {step}"), &e)
+                            .await? =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Forgets actors a generation found dead.
