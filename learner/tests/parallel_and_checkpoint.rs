@@ -179,26 +179,6 @@ fn restore_continues_exactly_and_corruption_is_refused() {
     assert!(err.contains("policy/model.safetensors"), "{err}");
 }
 
-/// Two samples of prompt `id` for `step`, rewards 0 and 1.
-fn group(step: u64, id: &str) -> Vec<v1::Trajectory> {
-    (0..2u32)
-        .map(|i| v1::Trajectory {
-            job_id: String::new(),
-            step,
-            prompt_id: id.into(),
-            group_id: id.into(),
-            sample_index: i,
-            prompt_ids: vec![3, 4, 5],
-            completion_ids: vec![6 + i, 7, 8],
-            logprobs: vec![-1.5, -2.0, -1.0],
-            weight_version: 0,
-            rewards: vec![i as f32],
-            finish_reason: "length".into(),
-            metadata: Default::default(),
-        })
-        .collect()
-}
-
 /// The learner binary on `config`, its stderr (the log) going to `log`.
 fn learner_process(
     config: &std::path::Path,
@@ -278,7 +258,11 @@ async fn sigterm_checkpoints_the_last_step_and_a_restart_resumes_there() {
             .into_inner();
         assert_eq!(r.rejected, 0, "{}", r.message);
     };
-    push(c.clone(), [group(1, "a"), group(1, "b")].concat()).await;
+    push(
+        c.clone(),
+        [wire_group(1, "a", true), wire_group(1, "b", true)].concat(),
+    )
+    .await;
     let r = c.step(step_request(1, 4)).await.unwrap().into_inner();
     assert_eq!((r.step, r.weight_version), (1, 1));
     assert!(
@@ -288,7 +272,11 @@ async fn sigterm_checkpoints_the_last_step_and_a_restart_resumes_there() {
 
     // Step 2 has its trajectories (it may be training when the signal comes); step 3 waits for
     // trajectories that never come.
-    push(c.clone(), [group(2, "a"), group(2, "b")].concat()).await;
+    push(
+        c.clone(),
+        [wire_group(2, "a", true), wire_group(2, "b", true)].concat(),
+    )
+    .await;
     let mut c2 = c.clone();
     let running = tokio::spawn(async move { c2.step(step_request(2, 4)).await });
     let mut c3 = c.clone();

@@ -384,30 +384,10 @@ async fn step(client: &mut LearnerClient, step: u64, expected: u64, last: bool) 
         .into_inner()
 }
 
-/// Two samples of prompt `id` for `step`: informative (rewards 0 and 1) or not (both 0.5).
-fn group(step: u64, id: &str, informative: bool) -> Vec<v1::Trajectory> {
-    (0..2u32)
-        .map(|i| v1::Trajectory {
-            job_id: String::new(),
-            step,
-            prompt_id: id.into(),
-            group_id: id.into(),
-            sample_index: i,
-            prompt_ids: vec![3, 4, 5],
-            completion_ids: vec![6 + i, 7, 8 + i],
-            logprobs: vec![-1.5, -2.25 - i as f32 * 0.1, -1.0],
-            weight_version: 0,
-            rewards: vec![if informative { i as f32 } else { 0.5 }],
-            finish_reason: "length".into(),
-            metadata: Default::default(),
-        })
-        .collect()
-}
-
 /// Groups `prefix0..` of `step`, the first `informative` of them informative.
 fn groups(step: u64, prefix: &str, n: usize, informative: usize) -> Vec<v1::Trajectory> {
     (0..n)
-        .flat_map(|k| group(step, &format!("{prefix}{k}"), k < informative))
+        .flat_map(|k| wire_group(step, &format!("{prefix}{k}"), k < informative))
         .collect()
 }
 
@@ -568,7 +548,7 @@ fn fixture_policy() -> std::path::PathBuf {
 fn fixture_rollouts(step: u64, n: usize) -> Vec<v1::Trajectory> {
     (0..n)
         .flat_map(|k| {
-            let mut g = group(step, &format!("p{k}"), true);
+            let mut g = wire_group(step, &format!("p{k}"), true);
             for t in &mut g {
                 t.prompt_ids = vec![0, 100 + k as u32, 200, 300];
                 t.completion_ids = t.completion_ids.iter().map(|&x| x * 37 % 512).collect();

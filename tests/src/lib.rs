@@ -274,3 +274,19 @@ pub fn actor_info(address: &str) -> Option<rlhf_proto::v1::ActorInfo> {
             .map(|r| r.into_inner())
     })
 }
+
+/// A process stopped (SIGSTOP) until this is dropped (SIGCONT), also by a failing assertion.
+pub struct Stopped(u32);
+
+impl Stopped {
+    pub fn new(pid: u32) -> Stopped {
+        signal(pid, "STOP");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}

@@ -10,29 +10,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rlhf_tests::cluster::{Agent, cli, coordinator, embedded_store, job, status, submit};
-use rlhf_tests::{bin, signal, tiny_job, wait_for};
+use rlhf_tests::{Stopped, bin, tiny_job, wait_for};
 
 /// Steps of the followed job.
 const STEPS: u64 = 12;
 
 /// The sources of every job of the tiny fixtures (one reward server, learner and actor).
 const SOURCES: [&str; 4] = ["controller", "reward-0", "learner-0", "actor-0"];
-
-/// A process stopped with SIGSTOP until this is dropped (SIGCONT), also when a test fails.
-struct Stopped(u32);
-
-impl Stopped {
-    fn new(pid: u32) -> Stopped {
-        signal(pid, "STOP");
-        Stopped(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        signal(self.0, "CONT");
-    }
-}
 
 /// The pid of job `id`'s learner process on its pool worker.
 fn learner_pid(url: &str, id: &str) -> u32 {

@@ -97,22 +97,6 @@ fn rule_only_job(dir: &Path, name: &str, extra: &str) -> PathBuf {
     path
 }
 
-/// A process stopped (SIGSTOP) until this is dropped, even by a failing assertion.
-struct Stopped(u32);
-
-impl Stopped {
-    fn new(pid: u32) -> Stopped {
-        signal(pid, "STOP");
-        Stopped(pid)
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        signal(self.0, "CONT");
-    }
-}
-
 #[test]
 fn two_reward_replicas_share_the_scoring_and_a_killed_one_is_restarted_and_used_again() {
     let tmp = tempfile::tempdir().unwrap();

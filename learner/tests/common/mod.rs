@@ -161,3 +161,23 @@ pub fn run(
     }
     (rewards, outcomes)
 }
+
+/// Two samples of prompt `id` for `step`: informative (rewards 0 and 1) or not (both 0.5).
+pub fn wire_group(step: u64, id: &str, informative: bool) -> Vec<rlhf_proto::v1::Trajectory> {
+    (0..2u32)
+        .map(|i| rlhf_proto::v1::Trajectory {
+            job_id: String::new(),
+            step,
+            prompt_id: id.into(),
+            group_id: id.into(),
+            sample_index: i,
+            prompt_ids: vec![3, 4, 5],
+            completion_ids: vec![6 + i, 7, 8 + i],
+            logprobs: vec![-1.5, -2.25 - i as f32 * 0.1, -1.0],
+            weight_version: 0,
+            rewards: vec![if informative { i as f32 } else { 0.5 }],
+            finish_reason: "length".into(),
+            metadata: Default::default(),
+        })
+        .collect()
+}
