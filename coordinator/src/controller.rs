@@ -241,11 +241,11 @@ impl Controller {
         // Lines of steps after the learner's state (a crash after the last checkpoint) go, and
         // the user is told which finished steps are trained again.
         let metrics_path = self.out.join("metrics.jsonl");
-        let redone = redone_steps(last_recorded_step(&metrics_path), info.step);
+        let recorded = truncate_metrics(&metrics_path, info.step)?;
+        let redone = redone_steps(recorded, info.step);
         if let Some(note) = &redone {
             self.emit(Event::Log(note.clone()));
         }
-        truncate_metrics(&metrics_path, info.step)?;
         self.refresh_workers().await?;
         // Actors start from the policy folder; after a resume they need the learner's weights.
         if self.version > 0 {
@@ -735,8 +735,6 @@ impl Controller {
         self.state(JobState::Running, "paused: replacing the learner");
         self.endpoints.learners = self.supervisor.replace_learners().await?;
         let info = self.learner_info().await?;
-        let metrics_path = self.out.join("metrics.jsonl");
-        let redone = redone_steps(last_recorded_step(&metrics_path), info.step);
         self.version = info.weight_version;
         self.sync_weights(self.version).await?;
         if self.job.needs_reference_rewards() {
@@ -744,7 +742,8 @@ impl Controller {
             trace.scope(self.calibrate()).await?;
         }
         // Steps after the checkpoint are trained again: drop their old metric lines.
-        truncate_metrics(&metrics_path, info.step)?;
+        let recorded = truncate_metrics(&self.out.join("metrics.jsonl"), info.step)?;
+        let redone = redone_steps(recorded, info.step);
         self.emit(Event::Log(format!(
             "learner back at step {} (weights v{})",
             info.step, info.weight_version
@@ -1181,26 +1180,24 @@ impl Generator {
 }
 
 /// Keeps the lines of `metrics.jsonl` up to `last_step`.
-fn truncate_metrics(path: &std::path::Path, last_step: u64) -> Result<()> {
+/// Returns the highest step it held before (0 when none).
+fn truncate_metrics(path: &std::path::Path, last_step: u64) -> Result<u64> {
     if !path.is_file() {
-        return Ok(());
+        return Ok(0);
     }
     let text = std::fs::read_to_string(path)?;
+    let step_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64();
+    let recorded = text.lines().filter_map(step_of).max().unwrap_or(0);
     let kept: Vec<&str> = text
         .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s <= last_step)
-        })
+        .filter(|l| step_of(l).is_some_and(|s| s <= last_step))
         .collect();
     let mut out = kept.join("\n");
     if !out.is_empty() {
         out.push('\n');
     }
     std::fs::write(path, out)?;
-    Ok(())
+    Ok(recorded)
 }
 
 /// One line of `metrics.jsonl`.
@@ -1211,16 +1208,6 @@ pub fn metrics_line(step: u64, metrics: &BTreeMap<String, f64>) -> String {
         obj.insert(k.clone(), serde_json::json!(v));
     }
     serde_json::Value::Object(obj).to_string()
-}
-
-/// The highest step recorded in `metrics.jsonl` (0 when none).
-fn last_recorded_step(path: &std::path::Path) -> u64 {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64())
-        .max()
-        .unwrap_or(0)
 }
 
 /// What a restart from `restored` loses of the `recorded` steps, said plainly (None: nothing).
