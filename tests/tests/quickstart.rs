@@ -165,10 +165,11 @@ fn shortened_quickstart_runs_every_stage_and_raises_the_learned_reward() {
             .collect();
     let learned =
         |l: &serde_json::Value| metric(l, "reward/helpful/raw") + metric(l, "reward/harmless/raw");
-    assert_eq!(
-        learned(&control_lines[0]),
-        learned(&lines[0]),
-        "step 1 is the same"
+    // Same samples; the reward server's dynamic batching may pad them differently (f32 noise).
+    let (untrained_1, trained_1) = (learned(&control_lines[0]), learned(&lines[0]));
+    assert!(
+        (untrained_1 - trained_1).abs() < 1e-6,
+        "step 1 is the same: {untrained_1} vs {trained_1}"
     );
     let untrained = (7..10).map(|i| learned(&control_lines[i])).sum::<f64>() / 3.0;
     eprintln!("learned reward over steps 8-10: trained {last:.3}, untrained {untrained:.3}");
