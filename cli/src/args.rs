@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 
 use rlhf_coordinator::plot;
 
-use crate::{bench, cluster, model, reward, run, worker};
+use crate::{bench, cluster, model, reward, run, security, worker};
 
 use rlhf_proto::logging::LogFormat;
 
@@ -20,6 +20,8 @@ pub struct Cli {
     /// launchers' workers) inherit it.
     #[arg(long, global = true, default_value = "text", env = LOG_FORMAT_ENV)]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub security: security::SecurityArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -101,6 +103,10 @@ pub enum Command {
         #[command(flatten)]
         target: cluster::Target,
     },
+    /// Make a cluster's CA (once) and a certificate signed by it (docs/security.md).
+    Certs(security::CertsArgs),
+    /// Make a coordinator's token table and one token file per role (docs/security.md).
+    Tokens(security::TokensArgs),
     /// Benchmarks through the real services.
     Bench {
         #[command(subcommand)]
@@ -133,6 +139,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Validate { job } => run::validate(&job),
         Command::Worker(args) => worker::run(args),
         Command::Bench { command } => bench::run(command),
+        Command::Certs(args) => security::certs(args),
+        Command::Tokens(args) => security::tokens(args),
         Command::Coordinator(args) => cluster::coordinator(args),
         Command::Submit { job, target } => cluster::submit(target, job),
         Command::Jobs { target } => cluster::jobs(target),

@@ -53,6 +53,15 @@ pub struct CoordinatorArgs {
     /// its allocation).
     #[arg(long, default_value_t = 120)]
     pub slurm_idle_exit: u64,
+    /// The tokens this coordinator accepts: `ROLE TOKEN` per line (`rlhf tokens` makes one;
+    /// docs/security.md). Its `join` token is what it presents to the services it drives.
+    #[arg(long, env = "RLHF_TOKENS_FILE", value_name = "FILE")]
+    pub tokens: Option<PathBuf>,
+    /// A directory submitted jobs may read and write under (repeatable; symlinks resolved).
+    /// Without one, jobs may use any path: allowed only when listening on loopback or with
+    /// `--insecure`.
+    #[arg(long = "allow-path", value_name = "DIR")]
+    pub allow_paths: Vec<PathBuf>,
 }
 
 /// Where the coordinator is.
@@ -98,7 +107,33 @@ fn status_error(e: tonic::Status, coordinator: &str) -> anyhow::Error {
     }
 }
 
+/// Installs the coordinator's token table as the process's security configuration, and hands
+/// its `join` token to the local launcher's workers through the environment.
+fn install_tokens(file: &std::path::Path) -> Result<()> {
+    use rlhf_proto::security::{self, Security, TokenTable, env};
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("--tokens {}", file.display()))?;
+    let table =
+        TokenTable::parse(&text, &file.display().to_string()).map_err(anyhow::Error::msg)?;
+    let own_token =
+        std::env::var_os(env::TOKEN).is_some() || std::env::var_os(env::TOKEN_FILE).is_some();
+    if !own_token && let Some(join) = table.join_token() {
+        // SAFETY: `rlhf coordinator` calls this before it starts its runtime's threads.
+        unsafe { std::env::set_var(env::TOKEN, join) };
+    }
+    let security = Security::from_env()
+        .map_err(anyhow::Error::msg)?
+        .with_table(table);
+    if !security::install(security) {
+        anyhow::bail!("internal: the security configuration was read before --tokens was");
+    }
+    Ok(())
+}
+
 pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    if let Some(file) = &args.tokens {
+        install_tokens(file)?;
+    }
     let config = rlhf_coordinator::service::Config {
         listen: args.listen,
         store: args.store,
@@ -110,6 +145,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         advertise_url: args.advertise_url,
         slurm_options: args.slurm_options,
         slurm_idle_exit: args.slurm_idle_exit,
+        allow_paths: args.allow_paths,
     };
     crate::runtime::block_on(rlhf_coordinator::service::run(config))
 }

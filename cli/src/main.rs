@@ -8,6 +8,7 @@ mod model;
 mod reward;
 mod run;
 mod runtime;
+mod security;
 mod worker;
 
 use std::process::ExitCode;
@@ -34,6 +35,17 @@ fn main() -> ExitCode {
             std::env::set_var(args::LOG_FORMAT_ENV, "json");
         }
     }
+    // The security flags become the environment every process reads, this one included.
+    // SAFETY: called before this process starts any thread.
+    unsafe {
+        cli.security.export();
+    }
     rlhf_proto::logging::init_logging(cli.log_format);
+    // A broken security setting (a missing certificate, a token file that is not one) is an
+    // error now, before anything runs; the configuration itself is installed on first use (the
+    // coordinator first adds its token table).
+    if let Err(e) = rlhf_proto::security::Security::from_env() {
+        return rlhf_proto::logging::exit_code(Err::<(), _>(e));
+    }
     rlhf_proto::logging::exit_code(args::run(cli))
 }

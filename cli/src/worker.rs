@@ -93,6 +93,21 @@ fn exit_with_parent() {
     });
 }
 
+/// A pool worker's services listen on `--advertise`: beyond loopback they need TLS and the
+/// cluster's token (or `--insecure`), and a worker that cannot start them says so now rather
+/// than at its first assignment.
+fn refuse_insecure_advertise(advertise: &str) -> Result<()> {
+    use std::net::ToSocketAddrs;
+    let addr = (advertise, 0)
+        .to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("--advertise {advertise}: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("--advertise {advertise}: resolves to no address"))?;
+    rlhf_proto::security::current()
+        .check_listen(addr)
+        .map_err(|e| anyhow::anyhow!("--advertise {advertise}: {e}"))
+}
+
 pub fn run(w: WorkerArgs) -> Result<()> {
     if let Some(coordinator) = &w.coordinator {
         if !w.args.is_empty() {
@@ -101,6 +116,7 @@ pub fn run(w: WorkerArgs) -> Result<()> {
                 w.args
             );
         }
+        refuse_insecure_advertise(&w.advertise)?;
         let node = match &w.node {
             Some(node) => node.clone(),
             None => rlhf_proto::process::host_name(),

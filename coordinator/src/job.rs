@@ -315,39 +315,60 @@ impl JobSpec {
         }
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p)
+    /// Every path the job names, with its field, for `f` to read or rewrite.
+    fn visit_paths(&mut self, mut f: impl FnMut(&str, &mut PathBuf)) {
+        f("policy.model", &mut self.policy.model);
+        if let Some(p) = &mut self.policy.reference {
+            f("policy.reference", p);
+        }
+        if let Some(p) = &mut self.policy.critic {
+            f("policy.critic", p);
+        }
+        f("data.prompts", &mut self.data.prompts);
+        if let Some(p) = &mut self.data.eval_prompts {
+            f("data.eval_prompts", p);
+        }
+        if let Some(p) = &mut self.output_dir {
+            f("output_dir", p);
+        }
+        if let Some(s) = &mut self.learner.sft_regularizer {
+            f("learner.sft_regularizer.data", &mut s.data);
+        }
+        let mut text_path = |field: String, value: &mut toml::Value| {
+            if let toml::Value::String(s) = value {
+                let mut p = PathBuf::from(&*s);
+                f(&field, &mut p);
+                *s = p.display().to_string();
             }
         };
-        fix(&mut self.policy.model);
-        self.policy.reference.iter_mut().for_each(fix);
-        self.policy.critic.iter_mut().for_each(fix);
-        fix(&mut self.data.prompts);
-        self.data.eval_prompts.iter_mut().for_each(fix);
-        self.output_dir.iter_mut().for_each(fix);
-        if let Some(s) = &mut self.learner.sft_regularizer {
-            fix(&mut s.data);
-        }
-        for o in &mut self.objectives {
+        for (i, o) in self.objectives.iter_mut().enumerate() {
             for key in ["model", "tokenizer"] {
-                if let Some(toml::Value::String(p)) = o.get_mut(key)
-                    && Path::new(p.as_str()).is_relative()
-                {
-                    *p = base.join(&*p).display().to_string();
+                if let Some(v) = o.get_mut(key) {
+                    text_path(format!("objective[{i}].{key}"), v);
                 }
             }
             if let Some(toml::Value::Array(models)) = o.get_mut("models") {
-                for m in models {
-                    if let toml::Value::String(p) = m
-                        && Path::new(p.as_str()).is_relative()
-                    {
-                        *p = base.join(&*p).display().to_string();
-                    }
+                for (j, m) in models.iter_mut().enumerate() {
+                    text_path(format!("objective[{i}].models[{j}]"), m);
                 }
             }
         }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        self.visit_paths(|_, p| {
+            if p.is_relative() {
+                *p = base.join(&*p)
+            }
+        });
+    }
+
+    /// Every path the job reads or writes, with its field (`output_dir` only when set).
+    pub fn paths(&self) -> Vec<(String, PathBuf)> {
+        let mut out = Vec::new();
+        self.clone()
+            .visit_paths(|field, p| out.push((field.to_string(), p.clone())));
+        out
     }
 
     /// Every semantic problem, each naming its field.

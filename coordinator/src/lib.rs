@@ -3,6 +3,7 @@
 //! long-running coordinator service and its state store, and the generic pipeline stages.
 //! The `rlhf` command line (crate `rlhf-cli`) sits on top; nothing here prints to a terminal.
 
+pub mod allow;
 pub mod controller;
 pub mod data;
 pub mod job;

@@ -5,5 +5,11 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let args = rlhf_learner::cli::BinaryArgs::parse();
     rlhf_proto::logging::init_logging(args.log_format);
-    rlhf_proto::logging::exit_code(rlhf_learner::cli::serve_blocking(args.serve))
+    // A broken TLS/token setting is reported before anything starts (docs/security.md).
+    let security = rlhf_proto::security::init()
+        .map(|_| ())
+        .map_err(anyhow::Error::msg);
+    rlhf_proto::logging::exit_code(
+        security.and_then(|()| rlhf_learner::cli::serve_blocking(args.serve)),
+    )
 }

@@ -1,12 +1,16 @@
 //! One typed client per service, built in one place: every call has a deadline, every
 //! connection attempt a timeout, every message a size limit from [`limits`], and every call
-//! carries the caller's trace context ([`crate::trace`]). No crate builds a tonic client by hand.
+//! carries the caller's trace context ([`crate::trace`]) and this process's bearer token, over
+//! TLS when the process has a CA ([`crate::security`]). No crate builds a tonic client by hand.
 
 use std::time::Duration;
 
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::security;
 use crate::trace::TraceContext;
 use crate::v1::job_service_client::JobServiceClient;
 use crate::v1::learner_service_client::LearnerServiceClient;
@@ -52,12 +56,20 @@ impl Timeouts {
     }
 }
 
-/// `http://` is added when the address has no scheme (`host:port`).
+/// `http://` is added when the address has no scheme (`host:port`); with TLS on
+/// ([`security::current`]), `https://` is, and `http://` becomes `https://`: whether a channel
+/// is encrypted is the process's setting, not each address's. An `https://` address without
+/// TLS on stays as it is (and its calls fail: no CA to verify the server with), never downgraded.
 pub fn normalize_address(address: &str) -> String {
-    if address.contains("://") {
-        address.to_string()
-    } else {
-        format!("http://{address}")
+    normalize_for(address, security::current().tls_on())
+}
+
+fn normalize_for(address: &str, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    match address.split_once("://") {
+        Some(("http", rest)) => format!("{scheme}://{rest}"),
+        Some(_) => address.to_string(),
+        None => format!("{scheme}://{address}"),
     }
 }
 
@@ -68,7 +80,13 @@ pub fn channel(address: &str, timeouts: Timeouts) -> Result<Channel, tonic::tran
 
 /// An endpoint with our timeouts and keep-alives, for callers that connect eagerly.
 pub fn endpoint(address: &str, timeouts: Timeouts) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(normalize_address(address))?
+    let security = security::current();
+    let endpoint = Endpoint::from_shared(normalize_address(address))?;
+    let endpoint = match &security.tls {
+        Some(tls) => endpoint.tls_config(tls.client())?,
+        None => endpoint,
+    };
+    Ok(endpoint
         .connect_timeout(timeouts.connect)
         .timeout(timeouts.request)
         .tcp_nodelay(true)
@@ -77,8 +95,34 @@ pub fn endpoint(address: &str, timeouts: Timeouts) -> Result<Endpoint, tonic::tr
         .keep_alive_while_idle(true))
 }
 
-/// A channel whose every call carries the current trace context as gRPC metadata.
-pub type Traced = InterceptedService<Channel, TraceContext>;
+/// What every call carries: the current trace context and this process's bearer token.
+#[derive(Clone)]
+pub struct Outgoing {
+    authorization: Option<AsciiMetadataValue>,
+}
+
+impl Outgoing {
+    fn new() -> Outgoing {
+        let authorization = security::current().token.as_ref().and_then(|t| {
+            // Tokens are checked to be visible ASCII when loaded, so this always parses.
+            AsciiMetadataValue::try_from(format!("Bearer {t}")).ok()
+        });
+        Outgoing { authorization }
+    }
+}
+
+impl Interceptor for Outgoing {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut request = TraceContext.call(request)?;
+        if let Some(a) = &self.authorization {
+            request.metadata_mut().insert("authorization", a.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose every call carries [`Outgoing`]'s metadata.
+pub type Traced = InterceptedService<Channel, Outgoing>;
 
 /// The rollout service of an actor.
 pub type ActorClient = RolloutServiceClient<Traced>;
@@ -94,7 +138,7 @@ pub type WorkersClient = WorkerServiceClient<Traced>;
 fn traced(address: &str, timeouts: Timeouts) -> Result<Traced, tonic::transport::Error> {
     Ok(InterceptedService::new(
         channel(address, timeouts)?,
-        TraceContext,
+        Outgoing::new(),
     ))
 }
 
@@ -137,4 +181,18 @@ pub fn workers(
     Ok(WorkerServiceClient::new(traced(address, timeouts)?)
         .max_encoding_message_size(limits::CONTROL)
         .max_decoding_message_size(limits::REPLY))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_for;
+
+    #[test]
+    fn the_scheme_follows_the_tls_setting() {
+        assert_eq!(normalize_for("h:1", false), "http://h:1");
+        assert_eq!(normalize_for("h:1", true), "https://h:1");
+        assert_eq!(normalize_for("http://h:1", true), "https://h:1");
+        assert_eq!(normalize_for("https://h:1", false), "https://h:1");
+        assert_eq!(normalize_for("unix:///x", true), "unix:///x");
+    }
 }

@@ -1,8 +1,11 @@
 //! One host for a service's gRPC servers: health checking and reflection are always on (so
 //! `grpcurl` works without .proto files), and `GET /metrics` on the same port serves the
-//! service's Prometheus registry as text.
+//! service's Prometheus registry as text. TLS and bearer tokens come from the process's
+//! [`security`](crate::security) configuration; a listener beyond loopback without them is
+//! refused unless the process runs `--insecure`.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
@@ -34,7 +37,13 @@ impl ServiceHost {
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> Result<(), tonic::transport::Error> {
+    ) -> Result<(), ServeError> {
+        let security = crate::security::current();
+        let address = listener.local_addr().map_err(ServeError::Listener)?;
+        security
+            .check_listen(address)
+            .map_err(ServeError::Refused)?;
+        security.warn_if_insecure(address);
         let (reporter, health) = tonic_health::server::health_reporter();
         for name in &self.names {
             reporter
@@ -55,13 +64,38 @@ impl ServiceHost {
                 async move { render_metrics(&registry) }
             }),
         );
-        let router = std::mem::take(routes.axum_router_mut()).merge(metrics);
-        tonic::transport::Server::builder()
+        let mut router = std::mem::take(routes.axum_router_mut()).merge(metrics);
+        if let Some(table) = &security.accepts {
+            router = router.layer(axum::middleware::from_fn_with_state(
+                Arc::new(table.clone()),
+                crate::security::auth::middleware,
+            ));
+        }
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &security.tls {
+            builder = builder
+                .tls_config(tls.server().map_err(ServeError::Refused)?)
+                .map_err(ServeError::Transport)?;
+        }
+        builder
             .accept_http1(true)
             .add_routes(Routes::from(router))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await
+            .map_err(ServeError::Transport)
     }
+}
+
+/// Why a server did not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The security configuration forbids serving this listener (the reason says how to fix it).
+    #[error("{0}")]
+    Refused(String),
+    #[error("reading the listener's address: {0}")]
+    Listener(std::io::Error),
+    #[error(transparent)]
+    Transport(tonic::transport::Error),
 }
 
 /// The registry in Prometheus text format.

@@ -13,6 +13,7 @@ use tokio::sync::{Mutex, Notify, watch};
 use tonic::Status;
 
 use super::scheduler;
+use crate::allow::AllowedPaths;
 use crate::controller::Outcome;
 use crate::job::JobSpec;
 use crate::launcher::WorkerCommand;
@@ -114,6 +115,8 @@ pub struct Settings {
     pub worker_ttl: Duration,
     /// Required by the `slurm` launcher.
     pub slurm: Option<Slurm>,
+    /// Where submitted jobs may read and write (the state directory is added).
+    pub allowed: AllowedPaths,
 }
 
 /// The coordinator's shared state.
@@ -124,6 +127,7 @@ pub struct Coordinator {
     pub(super) slurm: Option<Slurm>,
     pub(super) state_dir: PathBuf,
     pub(super) slots: usize,
+    pub(super) allowed: AllowedPaths,
     /// Jobs this process runs: their stop switches.
     pub(super) running: Mutex<HashMap<String, watch::Sender<bool>>>,
     pub(super) wake: Notify,
@@ -144,6 +148,7 @@ impl Coordinator {
             store,
             state_dir: settings.state_dir,
             slots: settings.slots.max(1),
+            allowed: settings.allowed,
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             metrics: Metrics::new(),

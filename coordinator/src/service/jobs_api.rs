@@ -110,6 +110,16 @@ impl JobService for JobApi {
                 )));
             }
         }
+        let problems = c
+            .allowed
+            .problems(&spec, &c.state_dir.join("runs").join(&spec.name));
+        if !problems.is_empty() {
+            return Err(Status::invalid_argument(format!(
+                "{} problem(s):\n{}",
+                problems.len(),
+                problems.join("\n")
+            )));
+        }
         for n in 1..=100_000u32 {
             let id = format!("{}-{n}", spec.name);
             let output_dir = spec

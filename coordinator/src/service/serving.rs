@@ -13,6 +13,7 @@ use rlhf_proto::v1::worker_service_server::WorkerServiceServer;
 use super::coordinator::{Coordinator, LauncherKind, Settings};
 use super::jobs_api::JobApi;
 use super::workers_api::WorkerApi;
+use crate::allow::AllowedPaths;
 use crate::slurm::Slurm;
 use crate::store::AnyStore;
 
@@ -32,6 +33,9 @@ pub struct Config {
     pub slurm_options: Vec<String>,
     /// Seconds.
     pub slurm_idle_exit: u64,
+    /// `--allow-path`: where submitted jobs may read and write (empty: anywhere, allowed only
+    /// on loopback or with `--insecure`).
+    pub allow_paths: Vec<PathBuf>,
 }
 
 /// Opens the store, binds `listen` (printing the ready line on stdout), and serves until the
@@ -50,6 +54,30 @@ pub async fn run(args: Config) -> Result<()> {
             std::process::id()
         )
     });
+    // Checked before binding, so that a refused address is never listened on, not even briefly.
+    let security = rlhf_proto::security::current();
+    let addrs: Vec<_> = tokio::net::lookup_host(&args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?
+        .collect();
+    for addr in &addrs {
+        security.check_listen(*addr).map_err(anyhow::Error::msg)?;
+    }
+    let allowed = if args.allow_paths.is_empty() {
+        if let Some(open) = addrs.iter().find(|a| !a.ip().is_loopback())
+            && !security.insecure
+        {
+            anyhow::bail!(
+                "refusing to listen on {open} (beyond loopback) without --allow-path: a submitted job could read and write any path this process can. \
+                 Give the directories jobs may use (--allow-path DIR, repeatable), or start with --insecure"
+            );
+        }
+        AllowedPaths::any()
+    } else {
+        AllowedPaths::only(&args.allow_paths)
+            .and_then(|a| a.with(&state_dir))
+            .map_err(anyhow::Error::msg)?
+    };
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -74,7 +102,8 @@ pub async fn run(args: Config) -> Result<()> {
         } else {
             address.ip().to_string()
         };
-        format!("http://{host}:{}", address.port())
+        let scheme = if security.tls_on() { "https" } else { "http" };
+        format!("{scheme}://{host}:{}", address.port())
     });
     let slurm = (args.launcher == LauncherKind::Slurm)
         .then(|| -> Result<Slurm> {
@@ -96,6 +125,7 @@ pub async fn run(args: Config) -> Result<()> {
         }),
         worker_ttl,
         slurm,
+        allowed,
     };
     let c = Coordinator::new(store, settings);
     serve(c, name, listener).await
