@@ -97,7 +97,17 @@ impl Target {
 fn status_error(e: tonic::Status, coordinator: &str) -> anyhow::Error {
     match Failure::of(&e) {
         Failure::Unreachable => {
-            anyhow::anyhow!("coordinator {coordinator} is unreachable: {}", e.message())
+            // A TLS server and a plaintext client (or the reverse) see only a broken
+            // connection; say which setting to look at.
+            let hint = if rlhf_proto::security::current().tls_on() {
+                " (this client speaks TLS: if the coordinator does not, unset RLHF_TLS_CA)"
+            } else {
+                " (this client speaks plaintext: if the coordinator serves TLS, give its CA with --tls-ca or RLHF_TLS_CA)"
+            };
+            anyhow::anyhow!(
+                "coordinator {coordinator} is unreachable: {}{hint}",
+                e.message()
+            )
         }
         Failure::Unavailable
         | Failure::Overloaded

@@ -883,24 +883,36 @@ impl Supervisor for PoolSupervisor {
             })
             .collect::<Result<Vec<_>>>()?;
         let deadline = Instant::now() + self.timeout;
-        while !self
-            .pool
-            .reassign_ring(&mut placements, &ranks, &args)
-            .await?
-        {
-            if Instant::now() >= deadline {
-                bail!(
-                    "no learner worker registered within {:?} to replace the job's lost learner ranks",
-                    self.timeout
-                );
+        loop {
+            while !self
+                .pool
+                .reassign_ring(&mut placements, &ranks, &args)
+                .await?
+            {
+                if Instant::now() >= deadline {
+                    bail!(
+                        "no learner worker registered within {:?} to replace the job's lost learner ranks",
+                        self.timeout
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let ring: Vec<Placement> = ranks.iter().map(|&i| placements[i].clone()).collect();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self
+                .pool
+                .wait_ready(&ring, left.max(Duration::from_secs(60)))
+                .await
+            {
+                // A worker that died with its process (a Slurm batch job cancelled, a host
+                // lost) is still registered until its lease ends, so the rank may have been
+                // restarted on it: once it is gone, the rank moves to another learner worker.
+                Err(e) if e.downcast_ref::<WorkerLeft>().is_some() && Instant::now() < deadline => {
+                    tracing::warn!("{e:#}; moving the learner ranks again");
+                }
+                ready => return ready,
+            }
         }
-        let ring: Vec<Placement> = ranks.iter().map(|&i| placements[i].clone()).collect();
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.pool
-            .wait_ready(&ring, left.max(Duration::from_secs(60)))
-            .await
     }
 
     async fn rewards(&self) -> Result<Option<Vec<String>>> {

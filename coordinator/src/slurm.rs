@@ -3,10 +3,16 @@
 //! `rlhf worker --role R --coordinator URL` on the node Slurm picked; it registers, is placed,
 //! and exits once it has been idle for a while, so the allocation ends with the job.
 //!
+//! While the job runs, [`Slurm::while_running`] watches its batch job: one that ends other than
+//! by its workers leaving idle (`scancel`, a node failure, its time limit) took the job's
+//! workers with it, and is submitted again (the same script), so the job's supervisor finds
+//! replacements to move the lost processes to.
+//!
 //! Assumptions (as on any Slurm cluster running one program across nodes): the `rlhf` binary,
 //! the models and the job's output folder are on a filesystem every node mounts at the same
 //! path, node names resolve between nodes, and the compute nodes reach the coordinator at
-//! `--advertise-url`.
+//! `--advertise-url`. The batch job runs with the coordinator's environment (`--export=ALL`,
+//! sbatch's default), so the workers get its `RLHF_TOKEN`, `RLHF_TLS_*` and `PATH`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +37,10 @@ pub struct Slurm {
 
 /// How long `sbatch` or `squeue` may take.
 const SLURM_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often a running job's batch job is looked up.
+const KEEP_CHECK: Duration = Duration::from_secs(5);
+/// How many times one run of a job has its batch job submitted again.
+const MAX_RESUBMITS: usize = 5;
 
 /// Runs a Slurm command with a timeout.
 async fn run_slurm(program: &str, args: &[&str]) -> Result<std::process::Output> {
@@ -65,6 +75,58 @@ fn is_live_state(state: &str) -> bool {
     )
 }
 
+/// Who submitted a batch job: the placement of a waiting job, or [`Slurm::while_running`]
+/// replacing one that ended under a running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Submitter {
+    Placing,
+    Keeper,
+}
+
+impl Submitter {
+    fn as_str(self) -> &'static str {
+        match self {
+            Submitter::Placing => "placing",
+            Submitter::Keeper => "keeper",
+        }
+    }
+}
+
+/// The last batch job in a `<job>.batches` file (lines `ID placing|keeper`, oldest first).
+fn last_batch(text: &str) -> Option<(String, Submitter)> {
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    let mut words = line.split_whitespace();
+    let id = words.next()?.to_string();
+    let by = match words.next() {
+        Some("keeper") => Submitter::Keeper,
+        _ => Submitter::Placing,
+    };
+    Some((id, by))
+}
+
+/// What the watcher of a running job does about its batch job, given what
+/// `squeue -t all -j ID -o %T` says (`None`: not listed) and whether it was seen live before.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Pending or running: its workers are (or will be) there.
+    Live,
+    /// Its workers left idle (the script's `wait` returned), or it ended before this run
+    /// began (not this run's to replace): nothing to do.
+    Done,
+    /// It ended under the running job (cancelled, failed, timed out, node failure; or no
+    /// longer listed after it was seen live): submit it again.
+    Lost,
+}
+
+fn seen(state: Option<&str>, was_live: bool) -> Seen {
+    match state {
+        Some(s) if is_live_state(s) => Seen::Live,
+        Some("COMPLETED") => Seen::Done,
+        _ if !was_live => Seen::Done,
+        _ => Seen::Lost,
+    }
+}
+
 /// Single-quotes `s` for bash.
 fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
@@ -78,6 +140,9 @@ impl Slurm {
         s += &format!("#SBATCH --job-name=rlhf-{job}\n");
         s += &format!("#SBATCH --ntasks={tasks}\n");
         s += &format!("#SBATCH --output={}\n", logs.join("slurm-%j.out").display());
+        // sbatch's default, said out loud: the workers need the coordinator's RLHF_TOKEN,
+        // RLHF_TLS_* and PATH. A later `--slurm-option=--export=…` overrides it.
+        s += "#SBATCH --export=ALL\n";
         for option in &self.options {
             s += &format!("#SBATCH {option}\n");
         }
@@ -126,19 +191,41 @@ impl Slurm {
             .any(is_live_state))
     }
 
-    /// Writes the script for `job` and submits it; returns Slurm's job id.
-    pub async fn submit(
-        &self,
-        job: &str,
-        workers: &BTreeMap<String, usize>,
-        logs: &Path,
-    ) -> Result<String> {
-        std::fs::create_dir_all(&self.dir)
-            .with_context(|| format!("creating {}", self.dir.display()))?;
-        std::fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
-        let path = self.dir.join(format!("{job}.sbatch"));
-        std::fs::write(&path, self.script(job, workers, logs))
-            .with_context(|| format!("writing {}", path.display()))?;
+    /// The state Slurm lists batch job `id` in, ended ones included (`squeue -h -t all -j ID
+    /// -o %T`); `None` once Slurm no longer lists it.
+    async fn state(&self, id: &str) -> Result<Option<String>> {
+        let out = run_slurm("squeue", &["-h", "-t", "all", "-j", id, "-o", "%T"]).await?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr);
+            if err.contains("Invalid job id") {
+                return Ok(None);
+            }
+            bail!("squeue -j {id} failed ({}): {}", out.status, err.trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .map(str::to_string))
+    }
+
+    /// `<dir>/<job>.sbatch`: the batch script of `job`'s workers.
+    fn script_path(&self, job: &str) -> PathBuf {
+        self.dir.join(format!("{job}.sbatch"))
+    }
+
+    /// `<dir>/<job>.batches`: every batch job submitted for `job`'s workers, and by whom.
+    fn batches_path(&self, job: &str) -> PathBuf {
+        self.dir.join(format!("{job}.batches"))
+    }
+
+    /// The last batch job submitted for `job`, if any.
+    fn last_batch(&self, job: &str) -> Option<(String, Submitter)> {
+        last_batch(&std::fs::read_to_string(self.batches_path(job)).ok()?)
+    }
+
+    /// Submits `job`'s script (written by [`Slurm::submit`]) and records the batch job.
+    async fn sbatch(&self, job: &str, by: Submitter) -> Result<String> {
+        let path = self.script_path(job);
         let out = run_slurm("sbatch", &["--parsable", &path.display().to_string()]).await?;
         if !out.status.success() {
             bail!(
@@ -156,10 +243,111 @@ impl Slurm {
             .next()
             .unwrap_or_default()
             .to_string();
-        if id.is_empty() {
-            bail!("sbatch {} printed no job id", path.display());
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+            bail!(
+                "sbatch {} printed no job id: {:?}",
+                path.display(),
+                stdout.trim()
+            );
         }
+        let record = self.batches_path(job);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&record)
+            .with_context(|| format!("opening {}", record.display()))?;
+        use std::io::Write;
+        writeln!(f, "{id} {}", by.as_str())
+            .with_context(|| format!("writing {}", record.display()))?;
         Ok(id)
+    }
+
+    /// Writes the script for `job` and submits it; returns Slurm's job id. A batch job that
+    /// [`Slurm::while_running`] submitted again for this job, and that Slurm still lists, is
+    /// returned instead (its workers are on their way: the run it was for ended, and this is
+    /// the job's next placement).
+    pub async fn submit(
+        &self,
+        job: &str,
+        workers: &BTreeMap<String, usize>,
+        logs: &Path,
+    ) -> Result<String> {
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        std::fs::create_dir_all(logs).with_context(|| format!("creating {}", logs.display()))?;
+        if let Some((id, Submitter::Keeper)) = self.last_batch(job)
+            && self.is_queued(&id).await?
+        {
+            return Ok(id);
+        }
+        let path = self.script_path(job);
+        std::fs::write(&path, self.script(job, workers, logs))
+            .with_context(|| format!("writing {}", path.display()))?;
+        self.sbatch(job, Submitter::Placing).await
+    }
+
+    /// Runs `run` (a placed job's run) while watching the job's last batch job: when it ends
+    /// under the running job other than by its workers leaving idle — `scancel`, a node
+    /// failure, its time limit — its workers are gone with it, and the same script is
+    /// submitted again (up to [`MAX_RESUBMITS`] times per run), so that the job's supervisor,
+    /// which moves lost processes to free workers of their role, finds some. A job placed on
+    /// workers nobody submitted for it has no batch job to watch.
+    pub async fn while_running<T>(&self, job: &str, run: impl Future<Output = T>) -> T {
+        tokio::select! {
+            out = run => out,
+            never = self.keep(job) => match never {},
+        }
+    }
+
+    /// The watcher of [`Slurm::while_running`].
+    async fn keep(&self, job: &str) -> std::convert::Infallible {
+        // The batch job last looked at, whether it was seen live, and whether it is dealt with.
+        let mut watched: Option<(String, bool, bool)> = None;
+        let mut resubmitted = 0;
+        loop {
+            if let Some((id, _)) = self.last_batch(job) {
+                if watched.as_ref().is_none_or(|(w, _, _)| *w != id) {
+                    watched = Some((id, false, false));
+                }
+                let (id, was_live, done) = watched.as_mut().expect("just set");
+                if !*done {
+                    match self.state(id).await {
+                        Err(e) => tracing::warn!(job, batch = %id, "squeue: {e:#}"),
+                        Ok(state) => match seen(state.as_deref(), *was_live) {
+                            Seen::Live => *was_live = true,
+                            Seen::Done => *done = true,
+                            Seen::Lost if resubmitted >= MAX_RESUBMITS => {
+                                tracing::warn!(
+                                    job,
+                                    batch = %id,
+                                    "the Slurm job for this job's workers ended ({}) and was submitted again {MAX_RESUBMITS} times already: not again",
+                                    state.as_deref().unwrap_or("no longer listed")
+                                );
+                                *done = true;
+                            }
+                            Seen::Lost => match self.sbatch(job, Submitter::Keeper).await {
+                                Ok(new) => {
+                                    resubmitted += 1;
+                                    tracing::warn!(
+                                        job,
+                                        batch = %id,
+                                        "the Slurm job for this job's workers ended ({}) while the job runs: submitted Slurm job {new} for new workers",
+                                        state.as_deref().unwrap_or("no longer listed")
+                                    );
+                                    // Submitted for this run: its end is this run's concern
+                                    // even if it is over before the next look.
+                                    *id = new;
+                                    *was_live = true;
+                                }
+                                // Tried again at the next look.
+                                Err(e) => tracing::warn!(job, batch = %id, "{e:#}"),
+                            },
+                        },
+                    }
+                }
+            }
+            tokio::time::sleep(KEEP_CHECK).await;
+        }
     }
 }
 
@@ -179,8 +367,13 @@ mod tests {
         let workers = BTreeMap::from([("actor".to_string(), 2), ("learner".to_string(), 1)]);
         let s = slurm.script("grpo-1", &workers, Path::new("/shared/runs/grpo-1/logs"));
         assert!(s.starts_with("#!/bin/bash\n#SBATCH --job-name=rlhf-grpo-1\n#SBATCH --ntasks=3\n"));
-        assert!(s.contains("#SBATCH --output=/shared/runs/grpo-1/logs/slurm-%j.out\n"));
-        assert!(s.contains("#SBATCH --partition=gpu\n#SBATCH --gpus-per-task=1\n"));
+        assert!(s.contains(
+            "#SBATCH --output=/shared/runs/grpo-1/logs/slurm-%j.out\n#SBATCH --export=ALL\n"
+        ));
+        // After the default, so that `--slurm-option=--export=…` wins.
+        assert!(s.contains(
+            "#SBATCH --export=ALL\n#SBATCH --partition=gpu\n#SBATCH --gpus-per-task=1\n"
+        ));
         assert_eq!(s.matches("srun --ntasks=1").count(), 3);
         assert_eq!(s.matches("' actor &\n").count(), 2);
         assert_eq!(s.matches("' learner &\n").count(), 1);
@@ -238,6 +431,35 @@ mod tests {
         ] {
             assert!(!is_live_state(ended), "{ended}");
         }
+    }
+
+    #[test]
+    fn a_batch_job_is_submitted_again_only_when_it_ended_under_the_run() {
+        // Seen live, then ended other than by its workers leaving idle.
+        for ended in ["CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED"] {
+            assert_eq!(seen(Some(ended), true), Seen::Lost, "{ended}");
+        }
+        assert_eq!(seen(None, true), Seen::Lost, "no longer listed");
+        // Its workers left idle: the job did not need them (any more).
+        assert_eq!(seen(Some("COMPLETED"), true), Seen::Done);
+        // Already over when the run began: not this run's batch job.
+        assert_eq!(seen(Some("CANCELLED"), false), Seen::Done);
+        assert_eq!(seen(None, false), Seen::Done);
+        assert_eq!(seen(Some("RUNNING"), false), Seen::Live);
+        assert_eq!(seen(Some("PENDING"), true), Seen::Live);
+    }
+
+    #[test]
+    fn the_last_recorded_batch_job_and_its_submitter() {
+        assert_eq!(last_batch(""), None);
+        assert_eq!(
+            last_batch("41 placing\n42 keeper\n"),
+            Some(("42".to_string(), Submitter::Keeper))
+        );
+        assert_eq!(
+            last_batch("42 keeper\n43 placing\n\n"),
+            Some(("43".to_string(), Submitter::Placing))
+        );
     }
 
     #[test]

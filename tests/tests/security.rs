@@ -186,6 +186,11 @@ fn tokens_decide_who_may_read_submit_and_cancel_and_the_job_runs_over_tls() {
         None,
     );
     assert!(!out.status.success(), "a plaintext client was answered");
+    assert!(
+        stderr(&out).contains("give its CA with --tls-ca"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -254,8 +254,10 @@ async fn serve(
                     // Idle means: the coordinator just said there is nothing to run.
                     if !running.is_empty() {
                         idle_since = Instant::now();
-                    } else if idle_exit.is_some_and(|idle| idle_since.elapsed() >= idle) {
-                        eprintln!("worker {id}: idle for {idle_exit:?}; leaving the pool");
+                    } else if let Some(idle) = idle_exit
+                        && idle_since.elapsed() >= idle
+                    {
+                        eprintln!("worker {id}: idle for {idle:?}; leaving the pool");
                         let leave = v1::LeaveRequest { worker_id: id };
                         if let Err(s) = coordinators.client().leave(leave).await {
                             tracing::warn!("leaving: {} (the lease will expire)", s.message());

@@ -36,9 +36,12 @@ impl Coordinator {
             ),
         };
         let job = self.to_placing(id, &reason).await?;
-        let result = self
-            .run_placed(id, job, resume, stop, placed.as_ref())
-            .await;
+        let run = self.run_placed(id, job, resume, stop, placed.as_ref());
+        let result = match (&self.slurm, &placed) {
+            // A batch job of its workers that ends under it is submitted again.
+            (Some(slurm), Some(_)) => slurm.while_running(id, run).await,
+            _ => run.await,
+        };
         if placed.is_some() {
             // The workers stop the job's processes and return to the pool.
             if let Err(e) = self.pool.release(id).await {

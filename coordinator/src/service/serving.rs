@@ -105,6 +105,16 @@ pub async fn run(args: Config) -> Result<()> {
         let scheme = if security.tls_on() { "https" } else { "http" };
         format!("{scheme}://{host}:{}", address.port())
     });
+    // A Slurm worker that leaves before a lost worker's lease ends is not there to replace it.
+    if args.launcher == LauncherKind::Slurm
+        && Duration::from_secs(args.slurm_idle_exit) <= worker_ttl
+    {
+        anyhow::bail!(
+            "--slurm-idle-exit {} is not longer than --worker-ttl {}: Slurm-started workers would leave before a lost worker's lease ends, when the job needs them",
+            args.slurm_idle_exit,
+            args.worker_ttl
+        );
+    }
     let slurm = (args.launcher == LauncherKind::Slurm)
         .then(|| -> Result<Slurm> {
             Ok(Slurm {
