@@ -95,19 +95,22 @@ impl Target {
 
 /// A failed call, said the way the shared classification judges it.
 fn status_error(e: tonic::Status, coordinator: &str) -> anyhow::Error {
+    // A TLS server and a plaintext client (or the reverse) see only a broken connection or an
+    // HTTP/2 protocol error; say which setting to look at.
+    let hint = if rlhf_proto::security::current().tls_on() {
+        " (this client speaks TLS: if the coordinator does not, unset RLHF_TLS_CA)"
+    } else {
+        " (this client speaks plaintext: if the coordinator serves TLS, give its CA with --tls-ca or RLHF_TLS_CA)"
+    };
     match Failure::of(&e) {
         Failure::Unreachable => {
-            // A TLS server and a plaintext client (or the reverse) see only a broken
-            // connection; say which setting to look at.
-            let hint = if rlhf_proto::security::current().tls_on() {
-                " (this client speaks TLS: if the coordinator does not, unset RLHF_TLS_CA)"
-            } else {
-                " (this client speaks plaintext: if the coordinator serves TLS, give its CA with --tls-ca or RLHF_TLS_CA)"
-            };
             anyhow::anyhow!(
                 "coordinator {coordinator} is unreachable: {}{hint}",
                 e.message()
             )
+        }
+        _ if e.message().starts_with("h2 protocol error") => {
+            anyhow::anyhow!("coordinator {coordinator}: {}{hint}", e.message())
         }
         Failure::Unavailable
         | Failure::Overloaded
