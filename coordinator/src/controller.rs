@@ -91,6 +91,11 @@ pub trait Supervisor: Send + Sync {
     /// The reward server replicas serving now, dead ones restarted (waiting for them up to the
     /// launcher's ready timeout); `None` when nothing changed since the last call.
     async fn rewards(&self) -> Result<Option<Vec<String>>>;
+    /// [`Supervisor::rewards`] after scoring failed, once the supervisor can know whether a
+    /// replica died (a pool learns that a machine is gone only when its lease ends).
+    async fn rewards_after_failure(&self) -> Result<Option<Vec<String>>> {
+        self.rewards().await
+    }
 }
 
 /// A job's running workers and who replaces them when they die.
@@ -474,7 +479,7 @@ impl Controller {
     /// After `e` (scoring failed during `what`): whether the supervisor restarted reward
     /// replicas, so that the work is worth redoing; their addresses are taken.
     async fn rewards_restarted(&mut self, what: &str, e: &anyhow::Error) -> Result<bool> {
-        let Some(rewards) = self.supervisor.rewards().await? else {
+        let Some(rewards) = self.supervisor.rewards_after_failure().await? else {
             return Ok(false);
         };
         self.emit(Event::Log(format!(

@@ -326,13 +326,8 @@ impl Pool {
             };
         }
         let lease = Some(worker.lease);
-        worker.last_heartbeat = now();
+        let heard = now();
         let store = |e: anyhow::Error| HeartbeatError::Store(e);
-        let text = serde_json::to_string(&worker).map_err(|e| store(e.into()))?;
-        self.store
-            .put(&format!("{WORKERS}{id}"), &text, lease)
-            .await
-            .map_err(store)?;
         let known = self.statuses(id).await.map_err(store)?;
         // Statuses of assignments the worker no longer runs (released, replaced) are dropped.
         for old in known
@@ -354,6 +349,15 @@ impl Pool {
                     .map_err(store)?;
             }
         }
+        // The report first, then the time it was heard: whoever sees a heartbeat newer than a
+        // moment also sees what the worker reported then
+        // ([`PoolSupervisor::wait_for_current_reports`]).
+        worker.last_heartbeat = heard;
+        let text = serde_json::to_string(&worker).map_err(|e| store(e.into()))?;
+        self.store
+            .put(&format!("{WORKERS}{id}"), &text, lease)
+            .await
+            .map_err(store)?;
         Ok(self
             .assignments(id)
             .await
@@ -858,10 +862,53 @@ impl PoolSupervisor {
         }
         Ok(changed)
     }
+
+    /// Waits until the pool's view of every serving reward replica is current: its worker
+    /// heartbeated after this call began (so its report says whether the process still runs),
+    /// or its lease ended (it is gone). Until then a replica on a machine that just died looks
+    /// alive, and a scoring failure it caused would be taken for one no restart can mend
+    /// (found across hosts: a host killed while its reward server scored failed the job).
+    /// Bounded by twice the lease (heartbeat times come from whichever coordinator heard them;
+    /// a clock behind this one's only makes the wait run to that bound).
+    async fn wait_for_current_reports(&self) -> Result<()> {
+        let since = now();
+        let workers: Vec<String> = {
+            let placements = self.placements.lock().await;
+            let r = self.replicas.lock().await;
+            r.serving
+                .keys()
+                .map(|&i| placements[i].worker.clone())
+                .collect()
+        };
+        let deadline = Instant::now() + 2 * self.pool.ttl();
+        loop {
+            let mut current = true;
+            for id in &workers {
+                if self
+                    .pool
+                    .worker(id)
+                    .await?
+                    .is_some_and(|w| w.last_heartbeat <= since)
+                {
+                    current = false;
+                    break;
+                }
+            }
+            if current || Instant::now() >= deadline {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl Supervisor for PoolSupervisor {
+    async fn rewards_after_failure(&self) -> Result<Option<Vec<String>>> {
+        self.wait_for_current_reports().await?;
+        self.rewards().await
+    }
+
     async fn replace_learners(&self) -> Result<Vec<String>> {
         let mut placements = self.placements.lock().await;
         let mut ranks: Vec<usize> = (0..placements.len())
@@ -997,6 +1044,62 @@ mod tests {
 
     fn command(role: &'static str, index: usize, args: Vec<String>) -> WorkerCommand {
         WorkerCommand { role, index, args }
+    }
+
+    /// A heartbeat from `worker` reporting `id` (generation `generation`) ready at `url`.
+    async fn report_ready(pool: &Pool, worker: &str, id: &str, generation: u64, url: &str) {
+        let status = v1::AssignmentStatus {
+            id: id.into(),
+            generation,
+            state: state::READY.into(),
+            url: url.into(),
+            detail: String::new(),
+            pid: 1,
+        };
+        pool.heartbeat(worker, &[status]).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_a_scoring_failure_a_reward_replica_on_a_dead_machine_is_found_and_moved() {
+        let pool = Pool::new(AnyStore::open("embedded:").await.unwrap(), MIN_TTL);
+        let doomed = register(&pool, "reward", "n1", 1, &[]).await;
+        let build = |_: &[Chosen]| Ok(vec![command("reward", 0, Vec::new())]);
+        let (commands, placed) = pool
+            .place("j", &["reward"], build, Path::new("/logs"))
+            .await
+            .unwrap()
+            .expect("room for the replica");
+        let id = placed[0].spec.id();
+        let first = placed[0].spec.generation;
+        report_ready(&pool, &doomed, &id, first, "http://10.0.0.1:1").await;
+        let gang = pool
+            .clone()
+            .gang(commands, placed, Duration::from_secs(20))
+            .await
+            .unwrap();
+        assert_eq!(gang.endpoints.rewards, ["http://10.0.0.1:1"]);
+
+        // Its machine dies now: no heartbeat any more, but its lease runs on for a while. A
+        // spare registers and serves whatever it is given.
+        let spare = register(&pool, "reward", "n2", 1, &[]).await;
+        let (p, s, i) = (pool.clone(), spare.clone(), id.clone());
+        let spare_worker = tokio::spawn(async move {
+            loop {
+                let given = p.heartbeat(&s, &[]).await.unwrap();
+                if let Some(a) = given.iter().find(|a| a.id == i) {
+                    report_ready(&p, &s, &i, a.generation, "http://10.0.0.2:1").await;
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        // Right after the failure the pool cannot tell yet ...
+        assert_eq!(gang.supervisor.rewards().await.unwrap(), None);
+        // ... so after a failure the supervisor waits until it can: the lease ends, the
+        // replica moves to the spare, and the job is given its address.
+        let moved = gang.supervisor.rewards_after_failure().await.unwrap();
+        assert_eq!(moved, Some(vec!["http://10.0.0.2:1".to_string()]));
+        spare_worker.await.unwrap();
     }
 
     #[tokio::test]

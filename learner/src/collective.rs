@@ -41,11 +41,124 @@ pub struct TcpRing {
 }
 
 const HELLO: &[u8; 8] = b"rlhfring";
+/// The answer of a rank that accepted a neighbour's hello.
+const ACK: u8 = 0x06;
+/// How long one handshake (hello, then its acknowledgement) may take.
+const HANDSHAKE: Duration = Duration::from_secs(5);
+
+/// Identifies a ring by its layout (FNV-1a over the peer addresses): a rank left over from an
+/// earlier launch whose ring had another layout (a rank since moved to another host) is
+/// refused, rather than joined and then lost when it is killed.
+fn ring_id(peers: &[String]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in peers.join("\n").bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// `HELLO`, the sender's rank and its ring's id.
+fn hello(rank: usize, ring: u64) -> [u8; 24] {
+    let mut m = [0u8; 24];
+    m[..8].copy_from_slice(HELLO);
+    m[8..16].copy_from_slice(&(rank as u64).to_le_bytes());
+    m[16..].copy_from_slice(&ring.to_le_bytes());
+    m
+}
+
+/// Connects to the next rank: hello, then wait for its acknowledgement. Retried until
+/// `deadline` when the connection fails or closes before it is acknowledged: across hosts the
+/// port may still belong to the previous launch's rank, which is being killed, or to a rank of
+/// another ring, which refuses us.
+fn connect_next(
+    rank: usize,
+    next: usize,
+    addr: SocketAddr,
+    ring: u64,
+    deadline: Instant,
+) -> std::io::Result<TcpStream> {
+    loop {
+        let attempt = (|| {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(HANDSHAKE))?;
+            s.set_write_timeout(Some(HANDSHAKE))?;
+            s.write_all(&hello(rank, ring))?;
+            let mut ack = [0u8; 1];
+            s.read_exact(&mut ack)?;
+            if ack[0] != ACK {
+                return Err(std::io::Error::other("not acknowledged"));
+            }
+            Ok(s)
+        })();
+        match attempt {
+            Ok(s) => return Ok(s),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                return Err(std::io::Error::other(format!(
+                    "rank {rank}: cannot reach rank {next} at {addr}: {e}"
+                )));
+            }
+        }
+    }
+}
+
+/// Accepts the previous rank: the first connection whose hello names that rank of this ring,
+/// acknowledged. Connections that close during the handshake, or come from another ring, are
+/// dropped and the next one is awaited, until `deadline`.
+fn accept_prev(
+    listener: TcpListener,
+    rank: usize,
+    prev: usize,
+    ring: u64,
+    deadline: Instant,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    listener.set_nonblocking(true)?;
+    let mut refused = String::new();
+    loop {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                s.set_nonblocking(false)?;
+                s.set_read_timeout(Some(HANDSHAKE))?;
+                s.set_write_timeout(Some(HANDSHAKE))?;
+                let mut m = [0u8; 24];
+                if s.read_exact(&mut m).is_err() || &m[..8] != HELLO {
+                    continue; // gone during the handshake, or not a rank at all
+                }
+                let from = u64::from_le_bytes(m[8..16].try_into().expect("8 bytes")) as usize;
+                let id = u64::from_le_bytes(m[16..].try_into().expect("8 bytes"));
+                if id != ring {
+                    refused = format!("; refused rank {from} of another ring (other peers)");
+                    continue;
+                }
+                if from != prev {
+                    // The same ring, wired wrong: no retry will mend it.
+                    return Err(std::io::Error::other(format!(
+                        "rank {rank}: expected rank {prev} on the ring, got {from}"
+                    )));
+                }
+                if s.write_all(&[ACK]).is_ok() {
+                    return Ok(s);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::other(format!(
+                    "rank {rank}: rank {prev} did not connect within {timeout:?}{refused}"
+                )));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
 
 impl TcpRing {
-    /// Joins the ring: listens on `peers[rank]`, connects to the next rank (retrying until
-    /// `timeout`), accepts the previous one. Every later read and write times out after
-    /// `io_timeout`.
+    /// Joins the ring: listens on `peers[rank]`, connects to the next rank and accepts the
+    /// previous one, each side retried until `timeout` (a neighbour that goes away during the
+    /// handshake, or belongs to another ring, is not taken for this ring's). Every later read
+    /// and write times out after `io_timeout`.
     pub fn connect(
         rank: usize,
         peers: &[String],
@@ -64,65 +177,24 @@ impl TcpRing {
                 .ok_or_else(|| std::io::Error::other(format!("cannot resolve `{a}`")))
         };
         let listener = TcpListener::bind(resolve(&peers[rank])?)?;
-        let next_addr = resolve(&peers[(rank + 1) % world])?;
+        let (next_rank, prev_rank) = ((rank + 1) % world, (rank + world - 1) % world);
+        let next_addr = resolve(&peers[next_rank])?;
+        let ring = ring_id(peers);
         let deadline = Instant::now() + timeout;
-        let prev_rank = (rank + world - 1) % world;
-        let acceptor = std::thread::spawn(move || -> std::io::Result<TcpStream> {
-            listener.set_nonblocking(true)?;
-            loop {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        stream.set_nonblocking(false)?;
-                        return Ok(stream);
-                    }
-                    Err(e)
-                        if e.kind() == std::io::ErrorKind::WouldBlock
-                            && Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        return Err(std::io::Error::other(format!(
-                            "rank {rank}: rank {prev_rank} did not connect within {timeout:?}"
-                        )));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+        let acceptor = std::thread::spawn(move || {
+            accept_prev(listener, rank, prev_rank, ring, deadline, timeout)
         });
-        let mut next = loop {
-            match TcpStream::connect_timeout(&next_addr, Duration::from_secs(2)) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                Err(e) => {
-                    return Err(std::io::Error::other(format!(
-                        "rank {rank}: cannot reach rank {} at {next_addr}: {e}",
-                        (rank + 1) % world
-                    )));
-                }
-            }
-        };
-        let mut prev = acceptor
+        let next = connect_next(rank, next_rank, next_addr, ring, deadline);
+        // Joined even when `next` failed (at the deadline, when the acceptor ends too), so the
+        // port is free again when this returns.
+        let prev = acceptor
             .join()
-            .map_err(|_| std::io::Error::other("the accepting thread panicked"))??;
+            .map_err(|_| std::io::Error::other("the accepting thread panicked"))?;
+        let (next, prev) = (next?, prev?);
         for s in [&next, &prev] {
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(io_timeout))?;
             s.set_write_timeout(Some(io_timeout))?;
-        }
-        // Handshake: each side names itself, so a wrong wiring fails at once.
-        next.write_all(HELLO)?;
-        next.write_all(&(rank as u64).to_le_bytes())?;
-        let mut hello = [0u8; 16];
-        prev.read_exact(&mut hello)?;
-        let from = u64::from_le_bytes(hello[8..].try_into().expect("8 bytes")) as usize;
-        if &hello[..8] != HELLO || from != (rank + world - 1) % world {
-            return Err(std::io::Error::other(format!(
-                "rank {rank}: expected rank {} on the ring, got {from}",
-                (rank + world - 1) % world
-            )));
         }
         Ok(TcpRing {
             rank,
@@ -265,6 +337,57 @@ mod tests {
         let bits = |v: &Vec<f32>| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&results[0].0), bits(&results[1].0));
         assert_eq!(bits(&results[1].0), bits(&results[2].0));
+    }
+
+    /// Ranks 0 and 1 of a ring on `peers` sum `[1.0]` and `[2.0]`: both must get 3.
+    fn sum_on_ring(peers: &[String], start_rank_1: impl FnOnce() + Send + 'static) {
+        let p = peers.to_vec();
+        let zero = std::thread::spawn(move || {
+            let mut ring =
+                TcpRing::connect(0, &p, Duration::from_secs(10), Duration::from_secs(5))?;
+            let mut buf = vec![1.0f32];
+            ring.all_reduce_sum(&mut buf)?;
+            std::io::Result::Ok(buf)
+        });
+        start_rank_1();
+        let mut ring =
+            TcpRing::connect(1, peers, Duration::from_secs(10), Duration::from_secs(5)).unwrap();
+        let mut buf = vec![2.0f32];
+        let one = ring.all_reduce_sum(&mut buf).map(|()| buf);
+        let zero = zero.join().unwrap();
+        assert_eq!(zero.unwrap(), [3.0], "rank 0");
+        assert_eq!(one.unwrap(), [3.0], "rank 1");
+    }
+
+    #[test]
+    fn a_stale_rank_that_dies_during_the_handshake_is_not_taken_for_the_new_one() {
+        // Rank 1's port is first held by its previous launch, which accepts a connection and is
+        // killed (the connection closes); the new rank 1 binds the port after it.
+        let peers = free_ports(2);
+        let addr = peers[1].clone();
+        sum_on_ring(&peers, move || {
+            let stale = TcpListener::bind(&addr).unwrap();
+            let (conn, _) = stale.accept().unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            drop((conn, stale));
+        });
+    }
+
+    #[test]
+    fn a_rank_of_a_ring_with_other_peers_is_refused() {
+        // Rank 1 of an earlier layout (rank 0 elsewhere since) still listens on rank 1's port
+        // and hellos as rank 1; it gives up, and the new rank 1 joins.
+        let peers = free_ports(2);
+        let old_layout = vec![free_ports(1).remove(0), peers[1].clone()];
+        sum_on_ring(&peers, move || {
+            let stale = TcpRing::connect(
+                1,
+                &old_layout,
+                Duration::from_millis(700),
+                Duration::from_secs(1),
+            );
+            assert!(stale.is_err(), "the old layout cannot form a ring");
+        });
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub mod cluster;
+pub mod netns;
 
 /// A binary of the workspace (`rlhf`, `actor`, ...), built by `cargo test --workspace` next to
 /// this test executable.
