@@ -9,6 +9,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
+use crate::ring_auth;
+
 /// Sums buffers across ranks.
 pub trait Collective: Send {
     fn rank(&self) -> usize;
@@ -40,10 +42,7 @@ pub struct TcpRing {
     prev: TcpStream,
 }
 
-const HELLO: &[u8; 8] = b"rlhfring";
-/// The answer of a rank that accepted a neighbour's hello.
-const ACK: u8 = 0x06;
-/// How long one handshake (hello, then its acknowledgement) may take.
+/// How long one handshake ([`ring_auth`]: challenge, proof, answer) may take.
 const HANDSHAKE: Duration = Duration::from_secs(5);
 
 /// Identifies a ring by its layout (FNV-1a over the peer addresses): a rank left over from an
@@ -57,38 +56,29 @@ fn ring_id(peers: &[String]) -> u64 {
     h
 }
 
-/// `HELLO`, the sender's rank and its ring's id.
-fn hello(rank: usize, ring: u64) -> [u8; 24] {
-    let mut m = [0u8; 24];
-    m[..8].copy_from_slice(HELLO);
-    m[8..16].copy_from_slice(&(rank as u64).to_le_bytes());
-    m[16..].copy_from_slice(&ring.to_le_bytes());
-    m
-}
-
-/// Connects to the next rank: hello, then wait for its acknowledgement. Retried until
-/// `deadline` when the connection fails or closes before it is acknowledged: across hosts the
-/// port may still belong to the previous launch's rank, which is being killed, or to a rank of
-/// another ring, which refuses us.
+/// Connects to the next rank: the authenticated hello ([`ring_auth::connect`]), answered only
+/// when the next rank takes the connection. Retried until `deadline` when the connection fails
+/// or closes unanswered: across hosts the port may still belong to the previous launch's rank,
+/// which is being killed, or to a rank of another ring (or another token), which refuses us.
 fn connect_next(
     rank: usize,
     next: usize,
     addr: SocketAddr,
     ring: u64,
+    key: &[u8],
     deadline: Instant,
 ) -> std::io::Result<TcpStream> {
+    let hello = ring_auth::Hello {
+        rank: rank as u64,
+        ring,
+    };
     loop {
         let attempt = (|| {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             s.set_read_timeout(Some(HANDSHAKE))?;
             s.set_write_timeout(Some(HANDSHAKE))?;
-            s.write_all(&hello(rank, ring))?;
-            let mut ack = [0u8; 1];
-            s.read_exact(&mut ack)?;
-            if ack[0] != ACK {
-                return Err(std::io::Error::other("not acknowledged"));
-            }
-            Ok(s)
+            ring_auth::connect(&mut s, key, hello)?;
+            Ok::<_, std::io::Error>(s)
         })();
         match attempt {
             Ok(s) => return Ok(s),
@@ -102,14 +92,16 @@ fn connect_next(
     }
 }
 
-/// Accepts the previous rank: the first connection whose hello names that rank of this ring,
-/// acknowledged. Connections that close during the handshake, or come from another ring, are
-/// dropped and the next one is awaited, until `deadline`.
+/// Accepts the previous rank: the first connection that proves it holds the cluster's token
+/// and whose hello names that rank of this ring, answered. Connections that close during the
+/// handshake, cannot prove the token, or come from another ring are dropped and the next one
+/// is awaited, until `deadline`.
 fn accept_prev(
     listener: TcpListener,
     rank: usize,
     prev: usize,
     ring: u64,
+    key: Vec<u8>,
     deadline: Instant,
     timeout: Duration,
 ) -> std::io::Result<TcpStream> {
@@ -117,17 +109,23 @@ fn accept_prev(
     let mut refused = String::new();
     loop {
         match listener.accept() {
-            Ok((mut s, _)) => {
+            Ok((mut s, peer)) => {
                 s.set_nonblocking(false)?;
                 s.set_read_timeout(Some(HANDSHAKE))?;
                 s.set_write_timeout(Some(HANDSHAKE))?;
-                let mut m = [0u8; 24];
-                if s.read_exact(&mut m).is_err() || &m[..8] != HELLO {
-                    continue; // gone during the handshake, or not a rank at all
-                }
-                let from = u64::from_le_bytes(m[8..16].try_into().expect("8 bytes")) as usize;
-                let id = u64::from_le_bytes(m[16..].try_into().expect("8 bytes"));
-                if id != ring {
+                let accepted = match ring_auth::accept(&mut s, &key) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Gone during the handshake, not a rank, or another token.
+                        if e.kind() == std::io::ErrorKind::PermissionDenied {
+                            tracing::warn!(%peer, "ring port: {e}");
+                            refused = format!("; refused {peer}: {e}");
+                        }
+                        continue;
+                    }
+                };
+                let from = accepted.hello.rank as usize;
+                if accepted.hello.ring != ring {
                     refused = format!("; refused rank {from} of another ring (other peers)");
                     continue;
                 }
@@ -137,7 +135,7 @@ fn accept_prev(
                         "rank {rank}: expected rank {prev} on the ring, got {from}"
                     )));
                 }
-                if s.write_all(&[ACK]).is_ok() {
+                if ring_auth::acknowledge(&mut s, &key, &accepted).is_ok() {
                     return Ok(s);
                 }
             }
@@ -157,13 +155,31 @@ fn accept_prev(
 impl TcpRing {
     /// Joins the ring: listens on `peers[rank]`, connects to the next rank and accepts the
     /// previous one, each side retried until `timeout` (a neighbour that goes away during the
-    /// handshake, or belongs to another ring, is not taken for this ring's). Every later read
-    /// and write times out after `io_timeout`.
+    /// handshake, belongs to another ring or cannot prove it holds this process's token, is not
+    /// taken for this ring's). Every later read and write times out after `io_timeout`. The
+    /// handshake's key is the process's bearer token (`RLHF_TOKEN[_FILE]`, the cluster's join
+    /// token; empty on one machine without one).
     pub fn connect(
         rank: usize,
         peers: &[String],
         timeout: Duration,
         io_timeout: Duration,
+    ) -> std::io::Result<TcpRing> {
+        let key = rlhf_proto::security::current()
+            .token
+            .as_deref()
+            .unwrap_or("")
+            .as_bytes();
+        Self::connect_with_key(rank, peers, timeout, io_timeout, key)
+    }
+
+    /// [`TcpRing::connect`] with the handshake's key given.
+    pub fn connect_with_key(
+        rank: usize,
+        peers: &[String],
+        timeout: Duration,
+        io_timeout: Duration,
+        key: &[u8],
     ) -> std::io::Result<TcpRing> {
         let world = peers.len();
         if world < 2 || rank >= world {
@@ -181,16 +197,24 @@ impl TcpRing {
         let next_addr = resolve(&peers[next_rank])?;
         let ring = ring_id(peers);
         let deadline = Instant::now() + timeout;
+        let accept_key = key.to_vec();
         let acceptor = std::thread::spawn(move || {
-            accept_prev(listener, rank, prev_rank, ring, deadline, timeout)
+            accept_prev(
+                listener, rank, prev_rank, ring, accept_key, deadline, timeout,
+            )
         });
-        let next = connect_next(rank, next_rank, next_addr, ring, deadline);
+        let next = connect_next(rank, next_rank, next_addr, ring, key, deadline);
         // Joined even when `next` failed (at the deadline, when the acceptor ends too), so the
         // port is free again when this returns.
         let prev = acceptor
             .join()
             .map_err(|_| std::io::Error::other("the accepting thread panicked"))?;
-        let (next, prev) = (next?, prev?);
+        let (next, prev) = match (next, prev) {
+            (Ok(n), Ok(p)) => (n, p),
+            (Err(e), Ok(_)) | (Ok(_), Err(e)) => return Err(e),
+            // Both say something (e.g. a refused neighbour on one side, a timeout on the other).
+            (Err(n), Err(p)) => return Err(std::io::Error::other(format!("{n}; {p}"))),
+        };
         for s in [&next, &prev] {
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(io_timeout))?;
@@ -388,6 +412,27 @@ mod tests {
             );
             assert!(stale.is_err(), "the old layout cannot form a ring");
         });
+    }
+
+    #[test]
+    fn ranks_holding_different_tokens_do_not_form_a_ring() {
+        let peers = free_ports(2);
+        let p = peers.clone();
+        let other = std::thread::spawn(move || {
+            TcpRing::connect_with_key(1, &p, Duration::from_secs(2), Duration::from_secs(1), b"b")
+                .err()
+        });
+        let err = TcpRing::connect_with_key(
+            0,
+            &peers,
+            Duration::from_secs(2),
+            Duration::from_secs(1),
+            b"a",
+        )
+        .err()
+        .expect("rank 0 joined a rank with another token");
+        assert!(err.to_string().contains("cluster's token"), "{err}");
+        assert!(other.join().unwrap().is_some(), "rank 1 joined");
     }
 
     #[test]

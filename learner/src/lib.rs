@@ -10,6 +10,7 @@ pub mod engine;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod publish;
+pub mod ring_auth;
 pub mod server;
 pub mod sft;
 pub mod trajectory;
