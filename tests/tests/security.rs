@@ -49,23 +49,46 @@ impl Secrets {
     }
 }
 
+/// `rlhf [global] coordinator --listen LISTEN` on an embedded store in `state`, with `extra`
+/// flags and `env`, and none of the test's own security settings.
+fn coordinator_command(
+    global: &[&str],
+    listen: &str,
+    state: &Path,
+    env: &[(&str, PathBuf)],
+    extra: &[&str],
+) -> Command {
+    let mut cmd = Command::new(bin("rlhf"));
+    for k in [
+        "RLHF_TLS_CA",
+        "RLHF_TLS_CERT",
+        "RLHF_TLS_KEY",
+        "RLHF_TOKEN",
+        "RLHF_TOKEN_FILE",
+        "RLHF_INSECURE",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.args(global)
+        .args([
+            "coordinator",
+            "--listen",
+            listen,
+            "--store",
+            &embedded_store(state),
+        ])
+        .arg("--state-dir")
+        .arg(state)
+        .args(extra)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null());
+    cmd
+}
+
 /// `rlhf coordinator` on a loopback port with `env` and `extra` flags.
 fn coordinator(state: &Path, env: &[(&str, PathBuf)], extra: &[&str]) -> ServiceProcess {
-    let mut cmd = Command::new(bin("rlhf"));
-    cmd.args([
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--store",
-        &embedded_store(state),
-    ])
-    .arg("--state-dir")
-    .arg(state)
-    .args(extra)
-    .envs(env.iter().map(|(k, v)| (k, v)))
-    .env_remove("RLHF_TOKEN")
-    .env_remove("RLHF_TOKEN_FILE")
-    .stderr(Stdio::null());
+    let mut cmd = coordinator_command(&[], "127.0.0.1:0", state, env, extra);
+    cmd.stderr(Stdio::null());
     ServiceProcess::spawn(cmd, Duration::from_secs(60)).expect("the coordinator starts")
 }
 
@@ -282,21 +305,7 @@ fn listening_beyond_loopback_needs_tls_tokens_and_allowed_paths_or_insecure() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let start = |env: &[(&str, PathBuf)], extra: &[&str]| -> Output {
-        Command::new(bin("rlhf"))
-            .args([
-                "coordinator",
-                "--listen",
-                "0.0.0.0:0",
-                "--store",
-                &embedded_store(&state),
-            ])
-            .arg("--state-dir")
-            .arg(&state)
-            .args(extra)
-            .env_remove("RLHF_TLS_CA")
-            .env_remove("RLHF_INSECURE")
-            .envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+        coordinator_command(&[], "0.0.0.0:0", &state, env, extra)
             .output()
             .unwrap()
     };
@@ -347,19 +356,9 @@ fn listening_beyond_loopback_needs_tls_tokens_and_allowed_paths_or_insecure() {
         stderr(&out)
     );
     // `--insecure` starts, and says what it exposes.
-    let mut cmd = Command::new(bin("rlhf"));
-    cmd.args([
-        "--insecure",
-        "coordinator",
-        "--listen",
-        "0.0.0.0:0",
-        "--store",
-        &embedded_store(&state),
-    ])
-    .arg("--state-dir")
-    .arg(&state)
-    .env("RUST_LOG", "warn")
-    .stderr(std::fs::File::create(dir.path().join("insecure.log")).unwrap());
+    let mut cmd = coordinator_command(&["--insecure"], "0.0.0.0:0", &state, &[], &[]);
+    cmd.env("RUST_LOG", "warn")
+        .stderr(std::fs::File::create(dir.path().join("insecure.log")).unwrap());
     let mut insecure =
         ServiceProcess::spawn(cmd, Duration::from_secs(60)).expect("--insecure starts");
     wait_for("the warning", Duration::from_secs(10), || {
