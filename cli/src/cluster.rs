@@ -98,7 +98,7 @@ fn status_error(e: tonic::Status, coordinator: &str) -> anyhow::Error {
     // A TLS server and a plaintext client (or the reverse) see only a broken connection or an
     // HTTP/2 protocol error; say which setting to look at.
     let hint = if rlhf_proto::security::current().tls_on() {
-        " (this client speaks TLS: if the coordinator does not, unset RLHF_TLS_CA)"
+        " (this client speaks TLS: the coordinator must serve TLS with a certificate for this address signed by RLHF_TLS_CA)"
     } else {
         " (this client speaks plaintext: if the coordinator serves TLS, give its CA with --tls-ca or RLHF_TLS_CA)"
     };
@@ -128,8 +128,9 @@ fn install_tokens(file: &std::path::Path) -> Result<()> {
         std::fs::read_to_string(file).with_context(|| format!("--tokens {}", file.display()))?;
     let table =
         TokenTable::parse(&text, &file.display().to_string()).map_err(anyhow::Error::msg)?;
-    let own_token =
-        std::env::var_os(env::TOKEN).is_some() || std::env::var_os(env::TOKEN_FILE).is_some();
+    let own_token = [env::TOKEN, env::TOKEN_FILE]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|t| !t.is_empty()));
     if !own_token && let Some(join) = table.join_token() {
         // SAFETY: `rlhf coordinator` calls this before it starts its runtime's threads.
         unsafe { std::env::set_var(env::TOKEN, join) };

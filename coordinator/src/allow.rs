@@ -13,8 +13,10 @@ pub struct AllowedPaths {
     roots: Option<Vec<PathBuf>>,
 }
 
-/// `path` with symlinks resolved as far as it exists, and the rest (which cannot hold symlinks
-/// yet) normalised by its components: `..` of a part that does not exist steps back lexically.
+/// `path` with symlinks resolved as far as it exists; the rest (which cannot hold symlinks
+/// yet) is appended as it is. A `..` after a part that does not exist yet is refused: once the
+/// job makes that part, the kernel resolves the `..` against whatever it became (a link made
+/// later, or one next to it), which no check now can know.
 pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
     let path = std::path::absolute(path)?;
     let mut existing = path.as_path();
@@ -39,7 +41,10 @@ pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
     for part in rest.iter().rev() {
         match Path::new(part).components().next() {
             Some(Component::ParentDir) => {
-                base.pop();
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "`..` after a part that does not exist yet (write the path without it)",
+                ));
             }
             Some(Component::CurDir) | None => {}
             Some(_) => base.push(part),
@@ -141,6 +146,15 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("resolves to /etc/ssl"), "{err}");
         assert!(a.check("f", &allowed.join("new/../../outside")).is_err());
+        // `new` does not exist yet: once made, `new/../escape` would be the link to /etc.
+        let err = a
+            .check("output_dir", &allowed.join("new/../escape/out"))
+            .unwrap_err();
+        assert!(
+            err.contains("`..` after a part that does not exist yet"),
+            "{err}"
+        );
+        assert!(a.check("f", &allowed.join("models/../models/x")).is_ok());
         assert!(
             a.check("f", &allowed.join("models/../../data-2")).is_err(),
             "a prefix is not a parent"
@@ -157,10 +171,7 @@ mod tests {
     fn resolve_keeps_what_does_not_exist_yet() {
         let dir = tempfile::tempdir().unwrap();
         let real = std::fs::canonicalize(dir.path()).unwrap();
-        assert_eq!(
-            resolve(&dir.path().join("a/b/../c")).unwrap(),
-            real.join("a/c")
-        );
+        assert!(resolve(&dir.path().join("a/b/../c")).is_err());
         assert_eq!(
             resolve(&dir.path().join("a/./b")).unwrap(),
             real.join("a/b")

@@ -299,7 +299,12 @@ impl JobSpec {
 
     /// Parses and validates; relative paths resolve against `path`'s folder.
     pub fn from_toml(text: &str, path: &Path) -> Result<JobSpec, Vec<String>> {
-        let at = |m: String| format!("{}: {m}", path.display());
+        Self::parse_unchecked(text, path)?.checked(path)
+    }
+
+    /// Parses, with relative paths resolved against `path`'s folder, but looks at no file (a
+    /// coordinator checks a job's paths are allowed before it says whether they exist).
+    pub fn parse_unchecked(text: &str, path: &Path) -> Result<JobSpec, Vec<String>> {
         let mut job: JobSpec = match toml::from_str(text) {
             Ok(job) => job,
             Err(first) => return Err(collect_parse_errors(text, path, first)),
@@ -307,9 +312,15 @@ impl JobSpec {
         // Absolute, so that no process (the learner resolves paths against its own config's
         // folder) reads a relative path against another folder.
         job.resolve_paths(&absolute_folder(path));
-        let problems: Vec<String> = job.problems().into_iter().map(at).collect();
+        Ok(job)
+    }
+
+    /// This job if it has no semantic problem, else every problem, prefixed with `path`.
+    pub fn checked(self, path: &Path) -> Result<JobSpec, Vec<String>> {
+        let at = |m: String| format!("{}: {m}", path.display());
+        let problems: Vec<String> = self.problems().into_iter().map(at).collect();
         if problems.is_empty() {
-            Ok(job)
+            Ok(self)
         } else {
             Err(problems)
         }

@@ -165,12 +165,25 @@ impl TcpRing {
         timeout: Duration,
         io_timeout: Duration,
     ) -> std::io::Result<TcpRing> {
-        let key = rlhf_proto::security::current()
-            .token
-            .as_deref()
-            .unwrap_or("")
-            .as_bytes();
-        Self::connect_with_key(rank, peers, timeout, io_timeout, key)
+        let security = rlhf_proto::security::current();
+        let key = security.token.as_deref().unwrap_or("");
+        // The ring carries gradients into the model: beyond loopback only peers that prove
+        // they hold the cluster's token may join, as for every gRPC endpoint.
+        if key.is_empty()
+            && !security.insecure
+            && let Some(own) = peers.get(rank)
+            && let Some(addr) = own.to_socket_addrs()?.next()
+            && !addr.ip().is_loopback()
+        {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "refusing to run the learner ring on {addr} (beyond loopback) without the cluster's token: \
+                     set RLHF_TOKEN or RLHF_TOKEN_FILE (docs/security.md), or start with --insecure"
+                ),
+            ));
+        }
+        Self::connect_with_key(rank, peers, timeout, io_timeout, key.as_bytes())
     }
 
     /// [`TcpRing::connect`] with the handshake's key given.

@@ -66,10 +66,28 @@ pub fn normalize_address(address: &str) -> String {
 
 fn normalize_for(address: &str, tls: bool) -> String {
     let scheme = if tls { "https" } else { "http" };
+    // Schemes are case-insensitive (RFC 3986 §3.1): `HTTP://` is `http://` and gets TLS too.
     match address.split_once("://") {
-        Some(("http", rest)) => format!("{scheme}://{rest}"),
+        Some((s, rest)) if s.eq_ignore_ascii_case("http") => format!("{scheme}://{rest}"),
+        Some((s, rest)) if s.eq_ignore_ascii_case("https") => format!("https://{rest}"),
         Some(_) => address.to_string(),
         None => format!("{scheme}://{address}"),
+    }
+}
+
+/// Whether `address` (normalised) names this machine: `localhost` or a loopback IP.
+fn is_loopback(address: &str) -> bool {
+    let Ok(uri) = address.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(h) => h
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
     }
 }
 
@@ -102,8 +120,27 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    fn new() -> Outgoing {
-        let authorization = security::current().token.as_ref().and_then(|t| {
+    /// The process's token for calls to `address`, unless that would send it in the clear to
+    /// another machine (no TLS, not loopback, not `--insecure`): then none, and a warning
+    /// (the call is refused as unauthenticated, which names the missing setting).
+    fn for_address(address: &str) -> Outgoing {
+        let security = security::current();
+        let plaintext_beyond_loopback =
+            !security.tls_on() && !security.insecure && !is_loopback(&normalize_address(address));
+        let token = security.token.as_ref().filter(|_| {
+            if plaintext_beyond_loopback {
+                tracing::warn!(
+                    address,
+                    "not sending this process's token in plaintext to another machine: give the CA (RLHF_TLS_CA) or start with --insecure"
+                );
+            }
+            !plaintext_beyond_loopback
+        });
+        Outgoing::with_token(token.map(String::as_str))
+    }
+
+    fn with_token(token: Option<&str>) -> Outgoing {
+        let authorization = token.and_then(|t| {
             // Tokens are checked to be visible ASCII when loaded, so this always parses.
             AsciiMetadataValue::try_from(format!("Bearer {t}")).ok()
         });
@@ -138,7 +175,7 @@ pub type WorkersClient = WorkerServiceClient<Traced>;
 fn traced(address: &str, timeouts: Timeouts) -> Result<Traced, tonic::transport::Error> {
     Ok(InterceptedService::new(
         channel(address, timeouts)?,
-        Outgoing::new(),
+        Outgoing::for_address(address),
     ))
 }
 
@@ -162,6 +199,19 @@ pub fn learner(
 /// The reward server's client.
 pub fn reward(address: &str, timeouts: Timeouts) -> Result<RewardClient, tonic::transport::Error> {
     Ok(RewardServiceClient::new(traced(address, timeouts)?)
+        .max_encoding_message_size(limits::REPLY)
+        .max_decoding_message_size(limits::REPLY))
+}
+
+/// A reward server named by a job (`kind = "remote"`): outside the cluster's trust, so it never
+/// gets the cluster's token, only `token` when one is given for it.
+pub fn external_reward(
+    address: &str,
+    timeouts: Timeouts,
+    token: Option<&str>,
+) -> Result<RewardClient, tonic::transport::Error> {
+    let channel = InterceptedService::new(channel(address, timeouts)?, Outgoing::with_token(token));
+    Ok(RewardServiceClient::new(channel)
         .max_encoding_message_size(limits::REPLY)
         .max_decoding_message_size(limits::REPLY))
 }
@@ -194,5 +244,18 @@ mod tests {
         assert_eq!(normalize_for("http://h:1", true), "https://h:1");
         assert_eq!(normalize_for("https://h:1", false), "https://h:1");
         assert_eq!(normalize_for("unix:///x", true), "unix:///x");
+        assert_eq!(normalize_for("HTTP://h:1", true), "https://h:1");
+        assert_eq!(normalize_for("HtTpS://h:1", false), "https://h:1");
+    }
+
+    #[test]
+    fn loopback_addresses_are_told_apart_from_other_machines() {
+        assert!(super::is_loopback("http://127.0.0.1:5"));
+        assert!(super::is_loopback("http://127.0.2.1:5"));
+        assert!(super::is_loopback("http://localhost:5"));
+        assert!(super::is_loopback("http://[::1]:5"));
+        assert!(!super::is_loopback("http://10.0.0.1:5"));
+        assert!(!super::is_loopback("http://node-1:5"));
+        assert!(!super::is_loopback("not a uri"));
     }
 }

@@ -37,8 +37,9 @@ impl RemoteObjective {
             connect: timeout.min(Duration::from_secs(5)),
             request: timeout,
         };
-        let client =
-            rlhf_proto::client::reward(address, timeouts).map_err(|e| format!("{address}: {e}"))?;
+        // Named by a job, so never given the cluster's token (docs/security.md).
+        let client = rlhf_proto::client::external_reward(address, timeouts, None)
+            .map_err(|e| format!("{address}: {e}"))?;
         Ok(RemoteObjective {
             client,
             address: address.to_string(),

@@ -87,15 +87,25 @@ impl JobService for JobApi {
     ) -> Result<Response<v1::JobInfo>, Status> {
         let r = request.into_inner();
         let base = PathBuf::from(&r.base_dir);
-        let spec =
-            JobSpec::from_toml(&r.spec_toml, &base.join("job.toml")).map_err(|problems| {
-                Status::invalid_argument(format!(
-                    "{} problem(s):\n{}",
-                    problems.len(),
-                    problems.join("\n")
-                ))
-            })?;
+        let invalid = |problems: Vec<String>| {
+            Status::invalid_argument(format!(
+                "{} problem(s):\n{}",
+                problems.len(),
+                problems.join("\n")
+            ))
+        };
+        let file = base.join("job.toml");
         let c = &self.0;
+        // Paths are judged before any is looked at: whether a file outside the allowed
+        // directories exists is not the submitter's to learn.
+        let spec = JobSpec::parse_unchecked(&r.spec_toml, &file).map_err(invalid)?;
+        let problems = c
+            .allowed
+            .problems(&spec, &c.state_dir.join("runs").join(&spec.name));
+        if !problems.is_empty() {
+            return Err(invalid(problems));
+        }
+        let spec = spec.checked(&file).map_err(invalid)?;
         if let Some(dir) = &spec.output_dir {
             let live = c.all().await.map_err(internal)?;
             if let Some(other) = live
@@ -109,16 +119,6 @@ impl JobService for JobApi {
                     other.record.state.as_str()
                 )));
             }
-        }
-        let problems = c
-            .allowed
-            .problems(&spec, &c.state_dir.join("runs").join(&spec.name));
-        if !problems.is_empty() {
-            return Err(Status::invalid_argument(format!(
-                "{} problem(s):\n{}",
-                problems.len(),
-                problems.join("\n")
-            )));
         }
         for n in 1..=100_000u32 {
             let id = format!("{}-{n}", spec.name);

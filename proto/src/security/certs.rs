@@ -42,6 +42,13 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), String> {
         options.mode(0o600);
     }
     let mut f = options.open(path).map_err(|e| io(path, e))?;
+    // `mode` applies only to a file this call creates: one that existed keeps its own.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| io(path, e))?;
+    }
     f.write_all(text.as_bytes()).map_err(|e| io(path, e))
 }
 
@@ -99,8 +106,7 @@ fn san(name: &str) -> Result<SanType, String> {
         && name.split('.').all(|l| {
             !l.is_empty()
                 && l.len() <= 63
-                && l.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         });
     if !valid {
         return Err(format!("--san {name:?}: not an IP address or a DNS name"));

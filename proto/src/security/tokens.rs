@@ -144,8 +144,11 @@ impl TokenTable {
                 return Err(at("expected `ROLE TOKEN` (two words)".into()));
             };
             let role = Role::parse(role).ok_or_else(|| {
+                // A short word is a mistyped role; a long one may be a token written first,
+                // which must not end up on a terminal or in a log.
+                let shown = if role.len() < 16 { role } else { "…" };
                 at(format!(
-                    "unknown role `{role}` (one of: read, submit, join)"
+                    "unknown role `{shown}` (one of: read, submit, join; `ROLE TOKEN` per line)"
                 ))
             })?;
             if let Some(p) = token_problem(token) {
@@ -270,6 +273,9 @@ mod tests {
             ),
             ("# nothing\n".to_string(), "tokens: no tokens"),
         ];
+        let swapped = format!("{A} read\n");
+        let err = TokenTable::parse(&swapped, "tokens").unwrap_err();
+        assert!(!err.contains(A), "the token was echoed: {err}");
         for (text, want) in cases {
             let err = TokenTable::parse(&text, "tokens").unwrap_err();
             assert!(err.starts_with(want), "{text:?}: {err}");
