@@ -17,15 +17,30 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
-    // Rust ignores SIGPIPE, so printing into a closed pipe (`rlhf jobs | head -1`) would panic;
-    // the default action ends a command quietly, as other tools do. Services keep ignoring it:
-    // one must not die because whoever reads its output went away.
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`rlhf jobs | head -1`) panics.
+    // SIGPIPE cannot simply be given its default action back: a write to a socket the peer
+    // closed raises it too (a TLS server hanging up on a plaintext client would kill the CLI
+    // without a word). Instead a failed print to stdout ends the process as the default action
+    // would, and socket writes keep failing with EPIPE, as errors the CLI reports.
     #[cfg(unix)]
     if !cli.command.is_service() {
-        // SAFETY: called before this process starts any thread; SIG_DFL is a valid action.
-        unsafe {
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-        }
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .unwrap_or("");
+            if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+                // SAFETY: restoring the default action and raising the signal in this thread
+                // ends the process as a tool that never ignored SIGPIPE would end.
+                unsafe {
+                    libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                    libc::raise(libc::SIGPIPE);
+                }
+            }
+            default(info);
+        }));
     }
     if cli.log_format == rlhf_proto::logging::LogFormat::Json {
         // Every process this one starts (launchers' workers, a pool worker's services) is an
