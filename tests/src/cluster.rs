@@ -95,6 +95,18 @@ pub fn entered(info: &serde_json::Value, state: &str) -> f64 {
         .unwrap_or_else(|| panic!("never {state}: {info}"))
 }
 
+/// The reason the job first entered `placing` with (which workers it was placed on).
+pub fn placing_reason(info: &serde_json::Value) -> String {
+    info["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["state"] == "placing")
+        .and_then(|h| h["reason"].as_str())
+        .unwrap_or_else(|| panic!("never placing: {info}"))
+        .to_string()
+}
+
 /// `rlhf status ID --json`.
 pub fn status(url: &str, id: &str) -> serde_json::Value {
     let out = cli(url, &["status", id, "--json"]);

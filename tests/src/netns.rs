@@ -803,6 +803,20 @@ impl Cluster {
         }
     }
 
+    /// One pool worker per `(host index, role)` in `placed`, each with `capacity`.
+    pub fn workers(
+        &self,
+        hosts: &[Host],
+        coordinators: &str,
+        placed: &[(usize, &str)],
+        capacity: u32,
+    ) -> Vec<Proc> {
+        placed
+            .iter()
+            .map(|&(h, role)| self.worker(&hosts[h], coordinators, role, capacity))
+            .collect()
+    }
+
     /// The `rlhf` CLI inside `host`, talking to the coordinator at `url`.
     pub fn cli<'a>(&'a self, host: &'a Host, url: &str) -> Cli<'a> {
         Cli {

@@ -202,10 +202,7 @@ fn grpo_and_ppo_jobs_with_ranks_actors_and_reward_on_separate_hosts_match_one_ho
         (5, "actor"),
         (6, "actor"),
     ];
-    let _workers: Vec<_> = roles
-        .iter()
-        .map(|&(h, role)| cluster.worker(&hosts[h], &both, role, 2))
-        .collect();
+    let _workers = cluster.workers(&hosts, &both, &roles, 2);
     let cli = cluster.cli(&hosts[7], &active.url());
     cli.wait_workers(roles.len(), Duration::from_secs(60));
 
@@ -307,10 +304,7 @@ fn a_learner_host_cut_off_mid_step_stops_its_rank_rejoins_when_restored_and_no_s
         (4, "actor"),
         (5, "actor"),
     ];
-    let _workers: Vec<_> = roles
-        .iter()
-        .map(|&(h, role)| cluster.worker(&hosts[h], &c.url(), role, 1))
-        .collect();
+    let _workers = cluster.workers(&hosts, &c.url(), &roles, 1);
     let cli = cluster.cli(&hosts[6], &c.url());
     cli.wait_workers(roles.len(), Duration::from_secs(60));
     // A rank cut off mid-step is noticed through the step's deadline (the learner's Step call
@@ -386,10 +380,7 @@ fn a_partitioned_active_coordinator_exits_and_the_standby_on_another_host_finish
     let standby = cluster.coordinator(&hosts[0], &store, "standby", &TTL);
     let both = format!("{},{}", active.url(), standby.url());
     let roles = [(2, "reward"), (3, "learner"), (4, "actor")];
-    let _workers: Vec<_> = roles
-        .iter()
-        .map(|&(h, role)| cluster.worker(&hosts[h], &both, role, 1))
-        .collect();
+    let _workers = cluster.workers(&hosts, &both, &roles, 1);
     // The CLI talks to the standby, which answers reads and takes submissions throughout.
     let cli = cluster.cli(client, &standby.url());
     cli.wait_workers(roles.len(), Duration::from_secs(60));
@@ -486,16 +477,18 @@ fn a_whole_host_killed_mid_step_has_its_processes_replaced_on_other_hosts() {
     let c = cluster.coordinator(&hosts[0], &format!("etcd://{endpoint}"), "c1", &TTL);
     let url = c.url();
     let doomed = &hosts[1];
-    let _pool: Vec<_> = [
-        (1, "reward"),
-        (1, "learner"),
-        (1, "actor"),
-        (2, "learner"),
-        (2, "actor"),
-    ]
-    .iter()
-    .map(|&(h, role)| cluster.worker(&hosts[h], &url, role, 1))
-    .collect();
+    let _pool = cluster.workers(
+        &hosts,
+        &url,
+        &[
+            (1, "reward"),
+            (1, "learner"),
+            (1, "actor"),
+            (2, "learner"),
+            (2, "actor"),
+        ],
+        1,
+    );
     let cli = cluster.cli(&hosts[4], &url);
     cli.wait_workers(5, Duration::from_secs(60));
     let id = cli.submit(&job_file(
@@ -565,10 +558,12 @@ fn a_killed_reward_server_host_is_noticed_after_a_failed_scoring_and_its_replica
     let (_etcd, endpoint) = cluster.etcd(&hosts[0]);
     let c = cluster.coordinator(&hosts[0], &format!("etcd://{endpoint}"), "c1", &TTL);
     let url = c.url();
-    let _pool: Vec<_> = [(1, "reward"), (2, "learner"), (2, "actor")]
-        .iter()
-        .map(|&(h, role)| cluster.worker(&hosts[h], &url, role, 1))
-        .collect();
+    let _pool = cluster.workers(
+        &hosts,
+        &url,
+        &[(1, "reward"), (2, "learner"), (2, "actor")],
+        1,
+    );
     let cli = cluster.cli(&hosts[4], &url);
     cli.wait_workers(3, Duration::from_secs(60));
     let id = cli.submit(&job_file(

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use rlhf_tests::cluster::{
-    Agent, assignment, cli, embedded_store, entered, job, pool_coordinator, status, submit,
-    survives_coordinator_death, wait_state, workers,
+    Agent, assignment, cli, embedded_store, entered, job, placing_reason, pool_coordinator, status,
+    submit, survives_coordinator_death, wait_state, workers,
 };
 use rlhf_tests::{Etcd, metric_steps, signal, wait_for};
 
@@ -48,15 +48,7 @@ fn a_grpo_job_waits_for_workers_runs_on_them_and_frees_them_with_etcd() {
         Agent::start(&url, "actor", "n3"),
     ];
     let done = wait_state(&url, &id, "succeeded", Duration::from_secs(300));
-    let placed = done["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["state"] == "placing")
-        .unwrap()["reason"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let placed = placing_reason(&done);
     for node in ["n1-reward-1", "n1-learner-1", "n2-actor-1", "n3-actor-1"] {
         assert!(placed.contains(node), "{placed}");
     }

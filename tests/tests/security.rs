@@ -49,6 +49,24 @@ impl Secrets {
     }
 }
 
+/// `rlhf` with none of the test's own security settings (docs/security.md's variables).
+fn bare_rlhf() -> Command {
+    use rlhf_proto::security::env;
+    let mut cmd = Command::new(bin("rlhf"));
+    for k in [
+        env::TLS_CA,
+        env::TLS_CERT,
+        env::TLS_KEY,
+        env::TLS_CLIENT_AUTH,
+        env::TOKEN,
+        env::TOKEN_FILE,
+        env::INSECURE,
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd
+}
+
 /// `rlhf [global] coordinator --listen LISTEN` on an embedded store in `state`, with `extra`
 /// flags and `env`, and none of the test's own security settings.
 fn coordinator_command(
@@ -58,17 +76,7 @@ fn coordinator_command(
     env: &[(&str, PathBuf)],
     extra: &[&str],
 ) -> Command {
-    let mut cmd = Command::new(bin("rlhf"));
-    for k in [
-        "RLHF_TLS_CA",
-        "RLHF_TLS_CERT",
-        "RLHF_TLS_KEY",
-        "RLHF_TOKEN",
-        "RLHF_TOKEN_FILE",
-        "RLHF_INSECURE",
-    ] {
-        cmd.env_remove(k);
-    }
+    let mut cmd = bare_rlhf();
     cmd.args(global)
         .args([
             "coordinator",
@@ -94,16 +102,7 @@ fn coordinator(state: &Path, env: &[(&str, PathBuf)], extra: &[&str]) -> Service
 
 /// `rlhf ARGS` as a user with `env` (no security settings from the test's own environment).
 fn rlhf(url: &str, env: &[(&str, PathBuf)], args: &[&str], dir: Option<&Path>) -> Output {
-    let mut cmd = Command::new(bin("rlhf"));
-    for k in [
-        "RLHF_TLS_CA",
-        "RLHF_TLS_CERT",
-        "RLHF_TLS_KEY",
-        "RLHF_TOKEN",
-        "RLHF_TOKEN_FILE",
-    ] {
-        cmd.env_remove(k);
-    }
+    let mut cmd = bare_rlhf();
     if let Some(d) = dir {
         cmd.current_dir(d);
     }
@@ -335,7 +334,7 @@ fn listening_beyond_loopback_needs_tls_tokens_and_allowed_paths_or_insecure() {
         stderr(&out)
     );
     // A pool worker advertising a non-loopback address refuses too.
-    let out = Command::new(bin("rlhf"))
+    let out = bare_rlhf()
         .args([
             "worker",
             "--role",
@@ -345,8 +344,6 @@ fn listening_beyond_loopback_needs_tls_tokens_and_allowed_paths_or_insecure() {
             "--advertise",
             "0.0.0.0",
         ])
-        .env_remove("RLHF_TLS_CA")
-        .env_remove("RLHF_INSECURE")
         .output()
         .unwrap();
     assert!(!out.status.success());

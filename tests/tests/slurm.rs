@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use rlhf_proto::process::ServiceProcess;
 use rlhf_tests::cluster::{
-    Agent, assignment, cli, coordinator, embedded_store, job, status, submit, wait_state, workers,
+    Agent, assignment, cli, coordinator, embedded_store, job, placing_reason, status, submit,
+    wait_state, workers,
 };
 use rlhf_tests::{metric_steps, wait_for};
 
@@ -239,15 +240,7 @@ fn the_slurm_launcher_submits_the_missing_workers_they_run_the_job_and_leave_wit
     let out = PathBuf::from(done["output_dir"].as_str().unwrap());
     assert_eq!(metric_steps(&out), vec![1, 2, 3]);
     // Placed on the workers Slurm started, one on each node, each at its node's address.
-    let placed = done["history"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["state"] == "placing")
-        .unwrap()["reason"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let placed = placing_reason(&done);
     assert!(
         placed.contains("static-reward-1")
             && placed.contains("slurm1-")
