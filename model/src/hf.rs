@@ -636,30 +636,22 @@ fn check_config(map: &Map<String, Value>, problems: &mut Vec<String>) -> Option<
 
 /// The tensors transformers' model class for `r` has, with their shapes.
 fn expected_tensors(r: &Resolved) -> BTreeMap<String, Vec<usize>> {
-    let (h, i) = (r.hidden, r.intermediate);
-    let (q, kv) = (r.heads * r.head_dim, r.kv_heads * r.head_dim);
-    let mut out = BTreeMap::new();
-    out.insert("model.embed_tokens.weight".to_string(), vec![r.vocab, h]);
-    for l in 0..r.layers {
-        let p = format!("model.layers.{l}");
-        for (name, rows, cols, bias) in [
-            ("self_attn.q_proj", q, h, r.qkv_bias),
-            ("self_attn.k_proj", kv, h, r.qkv_bias),
-            ("self_attn.v_proj", kv, h, r.qkv_bias),
-            ("self_attn.o_proj", h, q, r.o_bias),
-            ("mlp.gate_proj", i, h, r.mlp_bias),
-            ("mlp.up_proj", i, h, r.mlp_bias),
-            ("mlp.down_proj", h, i, r.mlp_bias),
-        ] {
-            out.insert(format!("{p}.{name}.weight"), vec![rows, cols]);
-            if bias {
-                out.insert(format!("{p}.{name}.bias"), vec![rows]);
-            }
-        }
-        out.insert(format!("{p}.input_layernorm.weight"), vec![h]);
-        out.insert(format!("{p}.post_attention_layernorm.weight"), vec![h]);
-    }
-    out.insert("model.norm.weight".to_string(), vec![h]);
+    let h = r.hidden;
+    let mut out: BTreeMap<String, Vec<usize>> =
+        crate::weights::decoder_tensors(&crate::weights::DecoderShape {
+            vocab: r.vocab,
+            hidden: h,
+            intermediate: r.intermediate,
+            layers: r.layers,
+            heads: r.heads,
+            kv_heads: r.kv_heads,
+            head_dim: r.head_dim,
+            qkv_bias: r.qkv_bias,
+            o_bias: r.o_bias,
+            mlp_bias: r.mlp_bias,
+        })
+        .into_iter()
+        .collect();
     match r.head {
         "ForCausalLM" if !r.tie => {
             out.insert("lm_head.weight".to_string(), vec![r.vocab, h]);

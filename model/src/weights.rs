@@ -53,38 +53,71 @@ impl Default for SaveOptions {
     }
 }
 
-/// Every parameter of `config`'s model, in a stable order.
-pub fn param_specs(config: &ModelConfig) -> Vec<ParamSpec> {
-    let (h, i) = (config.hidden_size, config.intermediate_size);
-    let q = config.num_heads * config.head_dim;
-    let kv = config.num_kv_heads * config.head_dim;
-    let mut specs = Vec::new();
-    let mut add = |name: String, shape: Vec<usize>| specs.push(ParamSpec { name, shape });
-    add(
-        "model.embed_tokens.weight".into(),
-        vec![config.vocab_size, h],
-    );
-    for l in 0..config.num_layers {
+/// The sizes and biases that decide a Llama-family decoder's tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderShape {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+}
+
+/// The decoder's tensors as transformers names them (embedding, every layer, final norm), with
+/// their shapes, in a stable order; the head is the caller's.
+pub fn decoder_tensors(d: &DecoderShape) -> Vec<(String, Vec<usize>)> {
+    let (h, i) = (d.hidden, d.intermediate);
+    let (q, kv) = (d.heads * d.head_dim, d.kv_heads * d.head_dim);
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![d.vocab, h])];
+    for l in 0..d.layers {
         let p = format!("model.layers.{l}");
         let projections = [
-            ("self_attn.q_proj", q, h, config.qkv_bias),
-            ("self_attn.k_proj", kv, h, config.qkv_bias),
-            ("self_attn.v_proj", kv, h, config.qkv_bias),
-            ("self_attn.o_proj", h, q, config.o_bias),
-            ("mlp.gate_proj", i, h, config.mlp_bias),
-            ("mlp.up_proj", i, h, config.mlp_bias),
-            ("mlp.down_proj", h, i, config.mlp_bias),
+            ("self_attn.q_proj", q, h, d.qkv_bias),
+            ("self_attn.k_proj", kv, h, d.qkv_bias),
+            ("self_attn.v_proj", kv, h, d.qkv_bias),
+            ("self_attn.o_proj", h, q, d.o_bias),
+            ("mlp.gate_proj", i, h, d.mlp_bias),
+            ("mlp.up_proj", i, h, d.mlp_bias),
+            ("mlp.down_proj", h, i, d.mlp_bias),
         ];
-        for (name, out, inp, bias) in projections {
-            add(format!("{p}.{name}.weight"), vec![out, inp]);
+        for (name, rows, cols, bias) in projections {
+            out.push((format!("{p}.{name}.weight"), vec![rows, cols]));
             if bias {
-                add(format!("{p}.{name}.bias"), vec![out]);
+                out.push((format!("{p}.{name}.bias"), vec![rows]));
             }
         }
-        add(format!("{p}.input_layernorm.weight"), vec![h]);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
     }
-    add("model.norm.weight".into(), vec![h]);
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    out
+}
+
+/// Every parameter of `config`'s model, in a stable order.
+pub fn param_specs(config: &ModelConfig) -> Vec<ParamSpec> {
+    let h = config.hidden_size;
+    let decoder = DecoderShape {
+        vocab: config.vocab_size,
+        hidden: h,
+        intermediate: config.intermediate_size,
+        layers: config.num_layers,
+        heads: config.num_heads,
+        kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+        qkv_bias: config.qkv_bias,
+        o_bias: config.o_bias,
+        mlp_bias: config.mlp_bias,
+    };
+    let mut specs: Vec<ParamSpec> = decoder_tensors(&decoder)
+        .into_iter()
+        .map(|(name, shape)| ParamSpec { name, shape })
+        .collect();
+    let mut add = |name: String, shape: Vec<usize>| specs.push(ParamSpec { name, shape });
     match config.architecture.head {
         HeadKind::CausalLm if !config.tie_word_embeddings => {
             add("lm_head.weight".into(), vec![config.vocab_size, h])
