@@ -44,6 +44,7 @@ use tokio::sync::{mpsc, watch};
 use crate::data::{Prompt, load_prompts, round_prompts};
 use crate::job::{JobSpec, RolloutMode};
 use crate::state::JobState;
+use crate::step_record::{StepRecord, redone_steps};
 use rlhf_learner::config::Algorithm;
 
 /// What the controller reports while it runs.
@@ -140,6 +141,8 @@ pub struct Controller {
     endpoints: Endpoints,
     events: mpsc::UnboundedSender<Event>,
     out: PathBuf,
+    /// `metrics.jsonl` and the pending step, in `out`.
+    record: StepRecord,
     stop: watch::Receiver<bool>,
     supervisor: Box<dyn Supervisor>,
     version: u64,
@@ -205,6 +208,7 @@ impl Controller {
             eval_prompts,
             endpoints,
             events,
+            record: StepRecord::new(&out),
             out,
             stop,
             supervisor,
@@ -245,8 +249,7 @@ impl Controller {
         }
         // Lines of steps after the learner's state (a crash after the last checkpoint) go, and
         // the user is told which finished steps are trained again.
-        let metrics_path = self.out.join("metrics.jsonl");
-        let recorded = truncate_metrics(&metrics_path, info.step)?;
+        let recorded = self.record.truncate(info.step)?;
         let redone = redone_steps(recorded, info.step);
         if let Some(note) = &redone {
             self.emit(Event::Log(note.clone()));
@@ -269,12 +272,9 @@ impl Controller {
             None => format!("from step {start}"),
         };
         self.state(JobState::Running, from);
+        // A step the learner applied whose reply the previous coordinator did not live to see.
+        self.record_lost_steps(recorded, info.step).await?;
         let total = self.job.rollout.steps;
-        let mut metrics_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&metrics_path)
-            .context("opening metrics.jsonl")?;
         let mut step = start;
         let mut inflight: VecDeque<InFlight> = VecDeque::new();
         let mut regenerations = 0;
@@ -314,6 +314,9 @@ impl Controller {
                 Err(e) => return Err(e),
             };
             self.drop_actors(&rollouts.dead_actors);
+            let mut measured = BTreeMap::new();
+            rollouts.report(&mut measured);
+            self.record.set_pending(step, &measured)?;
             let trace = TraceContext::new(&self.job_id, step);
             let report = match trace.clone().scope(self.train(step, &mut rollouts)).await {
                 Ok(r) => r,
@@ -333,7 +336,7 @@ impl Controller {
                 }
             };
             regenerations = 0;
-            if report.already_applied {
+            if report.already_applied && report.metrics.is_empty() {
                 self.emit(Event::Log(format!(
                     "step {step} was already applied; skipping"
                 )));
@@ -351,40 +354,72 @@ impl Controller {
                     "learner died while its weights were synced after step {step} ({e:#}); replacing it"
                 )));
                 abort_all(&mut inflight);
-                // The replacement syncs the actors itself.
-                let restored = self.recover_learner().await?;
-                if restored < step {
-                    step = restored + 1;
-                    continue;
-                }
-                // The step's update survived in the checkpoint: it is recorded below.
+                // The replacement syncs the actors itself; a step its checkpoint holds is
+                // recorded by the recovery (from the learner's kept report).
+                step = self.recover_learner().await? + 1;
+                continue;
             }
             let sync_seconds = t.elapsed().as_secs_f64();
             let mut metrics: BTreeMap<String, f64> = report.metrics.into_iter().collect();
-            rollouts.report(&mut metrics);
+            metrics.extend(measured);
             metrics.insert("time/weight_sync_s".into(), sync_seconds);
             metrics.insert("time/step_total_s".into(), started.elapsed().as_secs_f64());
-            metrics.insert("weight_version".into(), self.version as f64);
-            let every = self.job.evaluation.every_steps;
-            if !self.eval_prompts.is_empty()
-                && ((every > 0 && step.is_multiple_of(every)) || step == total)
-            {
-                metrics.extend(self.evaluate_with_restarts(step).await?);
-            }
-            if step == total {
-                self.save_final().await?;
-            }
-            let line = metrics_line(step, &metrics);
-            use std::io::Write;
-            writeln!(metrics_file, "{line}").context("writing metrics.jsonl")?;
-            self.emit(Event::Step {
-                step,
-                total,
-                metrics,
-            });
+            self.finish_step(step, metrics).await?;
             step += 1;
         }
         Ok(Outcome::Succeeded)
+    }
+
+    /// The end of an applied step: its evaluation when one is due, the final policy after the
+    /// last step, then its line in `metrics.jsonl` and its event.
+    async fn finish_step(&mut self, step: u64, mut metrics: BTreeMap<String, f64>) -> Result<()> {
+        let total = self.job.rollout.steps;
+        metrics.insert("weight_version".into(), self.version as f64);
+        let every = self.job.evaluation.every_steps;
+        if !self.eval_prompts.is_empty()
+            && ((every > 0 && step.is_multiple_of(every)) || step == total)
+        {
+            metrics.extend(self.evaluate_with_restarts(step).await?);
+        }
+        if step == total {
+            self.save_final().await?;
+        }
+        self.record.append(step, &metrics)?;
+        self.emit(Event::Step {
+            step,
+            total,
+            metrics,
+        });
+        Ok(())
+    }
+
+    /// Records the steps after `recorded` up to `restored` (the learner's state): steps the
+    /// learner applied and checkpointed whose reply was lost with the learner or with the
+    /// previous coordinator. The learner answers its last applied step with that step's report,
+    /// merged here with the pending file's rollout metrics (see [`StepRecord`]); an older step
+    /// has no report left and is said to be missing.
+    async fn record_lost_steps(&mut self, recorded: u64, restored: u64) -> Result<()> {
+        for step in recorded + 1..=restored {
+            let report = match self.learner_step(step, 0, true).await {
+                Ok(r) if r.already_applied && !r.metrics.is_empty() => r,
+                Ok(_) => {
+                    self.emit(Event::Log(format!(
+                        "step {step} was applied but its report is lost: it has no metrics line"
+                    )));
+                    continue;
+                }
+                Err(LearnerFailure::Died(e) | LearnerFailure::Failed(e)) => {
+                    return Err(e.context(format!("asking the learner for step {step}'s report")));
+                }
+            };
+            self.emit(Event::Log(format!(
+                "step {step} was applied before its reply was lost; recording it"
+            )));
+            let mut metrics: BTreeMap<String, f64> = report.metrics.into_iter().collect();
+            metrics.extend(self.record.pending(step).unwrap_or_default());
+            self.finish_step(step, metrics).await?;
+        }
+        Ok(())
     }
 
     /// Starts the generation of every step from `step` up to the pipeline's depth (sync: only
@@ -747,7 +782,7 @@ impl Controller {
             trace.scope(self.calibrate()).await?;
         }
         // Steps after the checkpoint are trained again: drop their old metric lines.
-        let recorded = truncate_metrics(&self.out.join("metrics.jsonl"), info.step)?;
+        let recorded = self.record.truncate(info.step)?;
         let redone = redone_steps(recorded, info.step);
         self.emit(Event::Log(format!(
             "learner back at step {} (weights v{})",
@@ -761,6 +796,7 @@ impl Controller {
             None => format!("resumed after step {}", info.step),
         };
         self.state(JobState::Running, reason);
+        self.record_lost_steps(recorded, info.step).await?;
         Ok(info.step)
     }
 
@@ -1182,48 +1218,4 @@ impl Generator {
         out.sort_by(|a, b| (&a.prompt_id, a.sample_index).cmp(&(&b.prompt_id, b.sample_index)));
         Ok((out, (redistributed, live)))
     }
-}
-
-/// Keeps the lines of `metrics.jsonl` up to `last_step`.
-/// Returns the highest step it held before (0 when none).
-fn truncate_metrics(path: &std::path::Path, last_step: u64) -> Result<u64> {
-    if !path.is_file() {
-        return Ok(0);
-    }
-    let text = std::fs::read_to_string(path)?;
-    let step_of = |l: &str| serde_json::from_str::<serde_json::Value>(l).ok()?["step"].as_u64();
-    let recorded = text.lines().filter_map(step_of).max().unwrap_or(0);
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| step_of(l).is_some_and(|s| s <= last_step))
-        .collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    std::fs::write(path, out)?;
-    Ok(recorded)
-}
-
-/// One line of `metrics.jsonl`.
-pub fn metrics_line(step: u64, metrics: &BTreeMap<String, f64>) -> String {
-    let mut obj = serde_json::Map::new();
-    obj.insert("step".into(), serde_json::json!(step));
-    for (k, v) in metrics {
-        obj.insert(k.clone(), serde_json::json!(v));
-    }
-    serde_json::Value::Object(obj).to_string()
-}
-
-/// What a restart from `restored` loses of the `recorded` steps, said plainly (None: nothing).
-fn redone_steps(recorded: u64, restored: u64) -> Option<String> {
-    (recorded > restored).then(|| match restored {
-        0 => format!(
-            "no checkpoint found: training restarts from step 1, recorded steps 1..={recorded} are trained again"
-        ),
-        r => format!(
-            "the last checkpoint is step {r}: steps {}..={recorded} are trained again",
-            r + 1
-        ),
-    })
 }

@@ -17,4 +17,5 @@ pub mod runner;
 pub mod service;
 pub mod slurm;
 pub mod state;
+pub mod step_record;
 pub mod store;

@@ -33,7 +33,7 @@ use crate::sft::{SftExample, load_examples, nll};
 use crate::trajectory::Trajectory;
 
 /// What a step reports.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepOutcome {
     pub step: u64,
     pub version: u64,
@@ -85,6 +85,10 @@ pub struct Engine {
     round_target: Option<(u64, usize)>,
     /// The step of the checkpoint this engine was restored from, if any.
     restored_from: Option<u64>,
+    /// What the last applied step reported, kept (and checkpointed) so that a caller that lost
+    /// the reply, because this process or the caller died after the step was applied, can
+    /// still record the step (see [`Engine::last_applied`]).
+    last_applied: Option<StepOutcome>,
     sft: Option<SftState>,
     collective: Box<dyn Collective>,
 }
@@ -101,6 +105,9 @@ struct EngineState {
     sft_cursor: usize,
     trainer_step: u64,
     critic_trainer_step: Option<u64>,
+    /// Absent in checkpoints written before it existed.
+    #[serde(default)]
+    last_applied: Option<StepOutcome>,
 }
 
 /// A trajectory being trained on, with everything computed for it.
@@ -209,6 +216,7 @@ impl Engine {
             carry: Vec::new(),
             round_target: None,
             restored_from: None,
+            last_applied: None,
             sft,
             collective,
         })
@@ -216,6 +224,18 @@ impl Engine {
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// The report of the last applied step (this process's or the checkpoint's), marked
+    /// `already_applied`: what a repeated call of that step is answered with.
+    pub fn last_applied(&self) -> Option<StepOutcome> {
+        self.last_applied
+            .as_ref()
+            .filter(|o| o.step == self.step)
+            .map(|o| StepOutcome {
+                already_applied: true,
+                ..o.clone()
+            })
     }
 
     pub fn version(&self) -> u64 {
@@ -375,12 +395,13 @@ impl Engine {
             missing_groups: 0,
         };
         if step <= self.step && self.step > 0 {
-            return Ok(StepOutcome {
+            let last = self.last_applied().filter(|o| o.step == step);
+            return Ok(last.unwrap_or(StepOutcome {
                 already_applied: true,
                 samples: 0,
                 tokens: 0,
                 ..outcome
-            });
+            }));
         }
         let mut metrics = BTreeMap::new();
         let mut timings = Timings::default();
@@ -461,12 +482,14 @@ impl Engine {
             "tokens/trained_per_s".into(),
             tokens as f64 / seconds.max(1e-9),
         );
-        Ok(StepOutcome {
+        let outcome = StepOutcome {
             version: self.version,
             metrics,
             seconds,
             ..outcome
-        })
+        };
+        self.last_applied = Some(finite_metrics(&outcome));
+        Ok(outcome)
     }
 
     /// Per-objective raw and transformed means, the combined reward and lengths, over the whole
@@ -1056,6 +1079,7 @@ impl Engine {
             sft_cursor: self.sft.as_ref().map_or(0, |s| s.cursor),
             trainer_step: self.trainer.optimizer.step,
             critic_trainer_step: self.critic_trainer.as_ref().map(|t| t.optimizer.step),
+            last_applied: self.last_applied.clone(),
         };
         let text = serde_json::to_string(&state).expect("state serialises");
         std::fs::write(dir.join("state.json"), text).context("writing state.json")?;
@@ -1092,10 +1116,25 @@ impl Engine {
         self.carry = state.carry;
         self.round_target = None;
         self.restored_from = Some(state.step);
+        self.last_applied = state.last_applied.filter(|o| o.step == state.step);
         if let Some(s) = &mut self.sft {
             s.cursor = state.sft_cursor % s.examples.len().max(1);
         }
         Ok(())
+    }
+}
+
+/// `outcome` without its non-finite metrics, which JSON cannot hold (a metrics line writes them
+/// as `null`, the same as leaving them out).
+fn finite_metrics(outcome: &StepOutcome) -> StepOutcome {
+    StepOutcome {
+        metrics: outcome
+            .metrics
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        ..outcome.clone()
     }
 }
 
@@ -1468,6 +1507,16 @@ mod tests {
             sft_cursor: 0,
             trainer_step: 1,
             critic_trainer_step: None,
+            last_applied: Some(StepOutcome {
+                step: 1,
+                version: 1,
+                metrics: [("loss/policy".to_string(), 0.1 + 0.2)].into(),
+                samples: 8,
+                tokens: 400,
+                seconds: 0.5,
+                already_applied: false,
+                missing_groups: 0,
+            }),
         };
         let text = serde_json::to_string(&state).unwrap();
         let back: EngineState = serde_json::from_str(&text).unwrap();
@@ -1481,6 +1530,7 @@ mod tests {
             bits(&back.reference_table["p"])
         );
         assert_eq!(state.kl.value().to_bits(), back.kl.value().to_bits());
+        assert_eq!(state.last_applied, back.last_applied);
         // β is an f64 that the adaptive controller multiplies every step: any value.
         for _ in 0..20_000 {
             let value = loop {

@@ -91,6 +91,18 @@ struct Saved {
 struct Progress {
     step: u64,
     version: u64,
+    /// The last applied step's report ([`Engine::last_applied`]).
+    last: Option<Arc<StepOutcome>>,
+}
+
+impl Progress {
+    fn of(engine: &Engine) -> Progress {
+        Progress {
+            step: engine.step(),
+            version: engine.version(),
+            last: engine.last_applied().map(Arc::new),
+        }
+    }
 }
 
 /// Prometheus metrics of the learner (prefix `rlhf_learner_`).
@@ -215,10 +227,7 @@ pub fn start(engine: Engine) -> Learner {
         tensors: engine.policy_tensors(),
     });
     let (weights_tx, weights) = watch::channel(first);
-    let (status_tx, status) = watch::channel(Progress {
-        step: engine.step(),
-        version: engine.version(),
-    });
+    let (status_tx, status) = watch::channel(Progress::of(&engine));
     let (stop_tx, stopping) = watch::channel(false);
     let objectives = engine
         .config
@@ -389,10 +398,7 @@ impl EngineThread {
                 tensors: e.policy_tensors(),
             }));
         }
-        self.status.send_replace(Progress {
-            step: e.step(),
-            version: e.version(),
-        });
+        self.status.send_replace(Progress::of(e));
     }
 }
 
@@ -573,15 +579,20 @@ impl Learner {
     /// sampling, says how many informative groups it still lacks).
     #[tracing::instrument(skip_all, fields(step = r.step, samples = tracing::field::Empty))]
     async fn train(&self, r: v1::StepRequest) -> Result<v1::StepReport, Status> {
-        // Applied before (after a restore, or a retried call): its trajectories are gone.
+        // Applied before (after a restore, or a retried call): its trajectories are gone. The
+        // last applied step is answered with its report, so a caller that lost the reply can
+        // still record it; an older one only with the current version.
         let progress = self.status.borrow().clone();
         if r.step <= progress.step && progress.step > 0 {
             self.buffer.finish(r.step);
-            return Ok(v1::StepReport {
-                step: r.step,
-                weight_version: progress.version,
-                already_applied: true,
-                ..Default::default()
+            return Ok(match progress.last.filter(|o| o.step == r.step) {
+                Some(o) => report(StepOutcome::clone(&o)),
+                None => v1::StepReport {
+                    step: r.step,
+                    weight_version: progress.version,
+                    already_applied: true,
+                    ..Default::default()
+                },
             });
         }
         let timeout = if r.timeout_seconds > 0.0 {
@@ -636,18 +647,38 @@ impl Learner {
         if outcome.applied() {
             self.metrics.steps.inc();
             self.metrics.step_seconds.observe(outcome.seconds);
+            exit_if_faulted(outcome.step);
         }
         self.metrics.version.set(outcome.version as i64);
-        Ok(v1::StepReport {
-            step: outcome.step,
-            weight_version: outcome.version,
-            metrics: outcome.metrics.into_iter().collect(),
-            samples: outcome.samples,
-            tokens: outcome.tokens,
-            seconds: outcome.seconds,
-            already_applied: outcome.already_applied,
-            missing_groups: outcome.missing_groups,
-        })
+        Ok(report(outcome))
+    }
+}
+
+/// A fault point for failure tests: with `RLHF_FAULT_EXIT_AFTER_STEP=N` the process exits
+/// (code 137, as if SIGKILLed) once step N is applied and checkpointed but before its reply
+/// goes out, the moment a learner's death is the hardest to recover from exactly (see
+/// docs/reliability.md). A restarted learner resumes after step N and does not exit again.
+fn exit_if_faulted(step: u64) {
+    let fault = std::env::var("RLHF_FAULT_EXIT_AFTER_STEP").ok();
+    if fault.and_then(|v| v.trim().parse::<u64>().ok()) == Some(step) {
+        tracing::error!(
+            step,
+            "RLHF_FAULT_EXIT_AFTER_STEP: exiting before the step's reply"
+        );
+        std::process::exit(137);
+    }
+}
+
+fn report(outcome: StepOutcome) -> v1::StepReport {
+    v1::StepReport {
+        step: outcome.step,
+        weight_version: outcome.version,
+        metrics: outcome.metrics.into_iter().collect(),
+        samples: outcome.samples,
+        tokens: outcome.tokens,
+        seconds: outcome.seconds,
+        already_applied: outcome.already_applied,
+        missing_groups: outcome.missing_groups,
     }
 }
 

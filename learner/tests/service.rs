@@ -152,13 +152,14 @@ async fn push_step_stream_checkpoint_restore() {
         .into_inner();
     assert_eq!((restored.step, restored.data_cursor), (1, 7));
 
-    // The same step again is reported as already applied, not trained twice.
+    // The same step again is reported as already applied, not trained twice, and with the
+    // report it had (kept in the checkpoint): a caller that lost the reply still records it.
     let again = ts.iter().map(|t| t.to_proto()).collect::<Vec<_>>();
     client
         .push_rollouts(tokio_stream::iter(again))
         .await
         .unwrap();
-    let report = client
+    let repeated = client
         .step(v1::StepRequest {
             step: 1,
             expected_samples: 16,
@@ -169,8 +170,12 @@ async fn push_step_stream_checkpoint_restore() {
         .await
         .unwrap()
         .into_inner();
-    assert!(report.already_applied);
-    assert_eq!(report.weight_version, 1);
+    assert!(repeated.already_applied);
+    assert_eq!(
+        (repeated.weight_version, repeated.samples, repeated.tokens),
+        (1, report.samples, report.tokens)
+    );
+    assert_eq!(repeated.metrics, report.metrics);
 }
 
 /// A rollout service for tests: records the chunks of every weight update it is sent, or, when

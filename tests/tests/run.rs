@@ -158,6 +158,36 @@ fn a_killed_learner_is_replaced_and_the_job_continues() {
     assert_eq!(metric_steps(&run), vec![1, 2, 3, 4, 5, 6]);
 }
 
+#[test]
+fn a_learner_dead_between_applying_a_step_and_replying_loses_no_step() {
+    let tmp = tempfile::tempdir().unwrap();
+    let job = tiny_job(tmp.path(), "learner-dies-late", "");
+    let run = tmp.path().join("run");
+    // Step 3 is applied and checkpointed, then the learner exits before it replies: the
+    // replacement resumes after step 3 and the step is recorded from its kept report.
+    let child = rlhf_command(&["run", job.to_str().unwrap(), "--steps", "5", "--quiet"])
+        .env("RLHF_FAULT_EXIT_AFTER_STEP", "3")
+        .spawn()
+        .unwrap();
+    let (ok, err) = finish(child);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("step 3 was applied before its reply was lost; recording it"),
+        "{err}"
+    );
+    assert_eq!(metric_steps(&run), vec![1, 2, 3, 4, 5]);
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let third: serde_json::Value = serde_json::from_str(lines.lines().nth(2).unwrap()).unwrap();
+    for key in [
+        "reward/total",
+        "rollout/samples",
+        "kl/beta",
+        "weight_version",
+    ] {
+        assert!(third[key].is_number(), "step 3's line lacks {key}: {third}");
+    }
+}
+
 /// The address of a job's worker, from `workers/endpoints.json`.
 fn worker_address(run: &std::path::Path, role: &str, index: u64) -> String {
     let text = std::fs::read_to_string(run.join("workers/endpoints.json")).unwrap_or_default();
