@@ -45,6 +45,7 @@ use crate::data::{Prompt, load_prompts, round_prompts};
 use crate::job::{JobSpec, RolloutMode};
 use crate::state::JobState;
 use crate::step_record::{StepRecord, redone_steps};
+use crate::store::fenced;
 use rlhf_learner::config::Algorithm;
 
 /// What the controller reports while it runs.
@@ -384,6 +385,7 @@ impl Controller {
         if step == total {
             self.save_final().await?;
         }
+        fenced::check_leading(&format!("recording step {step}")).await?;
         self.record.append(step, &metrics)?;
         self.emit(Event::Step {
             step,
@@ -464,6 +466,9 @@ impl Controller {
                 .map_err(LearnerFailure::Failed)?;
             rollouts.aliases.clear();
             let last = rollouts.rounds >= rounds;
+            fenced::check_leading(&format!("training step {step}"))
+                .await
+                .map_err(LearnerFailure::Failed)?;
             let mut report = self.learner_step(step, rollouts.samples, last).await?;
             if report.missing_groups == 0 || last {
                 if dynamic {

@@ -25,6 +25,7 @@ use tokio::sync::Mutex;
 use crate::controller::{Endpoints, Gang, Supervisor};
 use crate::launcher::WorkerCommand;
 use crate::state::now;
+use crate::store::fenced::FencedWriter;
 use crate::store::{AnyStore, LeaseId, StateStore};
 
 const WORKERS: &str = "workers/";
@@ -71,6 +72,9 @@ pub struct AssignmentSpec {
     /// The worker's collective port this assignment uses (learner ranks of a ring), 0: none.
     #[serde(default)]
     pub collective_port: u32,
+    /// The leader epoch of the coordinator that wrote this generation.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 impl AssignmentSpec {
@@ -88,6 +92,7 @@ impl AssignmentSpec {
             args: self.args.clone(),
             log_path: self.log_path.clone(),
             generation: self.generation,
+            epoch: self.epoch,
         }
     }
 }
@@ -170,6 +175,9 @@ fn placement_generation() -> u64 {
 #[derive(Clone)]
 pub struct Pool {
     store: AnyStore,
+    /// The active coordinator's writes (assignments, releases), fenced once it leads; workers'
+    /// own records (registration, heartbeats, statuses) are written plainly by any coordinator.
+    writer: FencedWriter,
     /// Held from reading free capacity to writing the assignment, so the scheduler and the
     /// jobs' supervisors (which replace lost workers) never give away the same slot twice.
     placing: std::sync::Arc<Mutex<()>>,
@@ -199,10 +207,21 @@ fn parse_all<T: for<'de> Deserialize<'de>>(listing: Vec<(String, String)>) -> Ve
 impl Pool {
     pub fn new(store: AnyStore, ttl: Duration) -> Pool {
         Pool {
+            writer: FencedWriter::new(store.clone()),
             store,
             placing: Default::default(),
             ttl: ttl.max(MIN_TTL),
         }
+    }
+
+    /// The active coordinator's fenced writes (shared by every clone of this pool).
+    pub fn writer(&self) -> &FencedWriter {
+        &self.writer
+    }
+
+    /// The cluster's current leader epoch, told to workers with every heartbeat.
+    pub async fn leader_epoch(&self) -> Result<u64> {
+        crate::store::epoch(&self.store, "coordinator").await
     }
 
     /// How long a worker stays registered without a heartbeat.
@@ -525,6 +544,7 @@ impl Pool {
                         .to_string(),
                     generation: placement_generation(),
                     collective_port: c.collective_port.unwrap_or(0),
+                    epoch: 0, // stamped by `assign`
                 },
             };
             if let Err(e) = self.assign(&placement, lease).await {
@@ -536,11 +556,16 @@ impl Pool {
         Ok(Some((commands, placements)))
     }
 
+    /// Writes the placement's assignment, stamped with this coordinator's leader epoch.
     async fn assign(&self, p: &Placement, lease: LeaseId) -> Result<()> {
-        self.store
+        let spec = AssignmentSpec {
+            epoch: self.writer.epoch(),
+            ..p.spec.clone()
+        };
+        self.writer
             .put(
                 &p.key(ASSIGNMENTS),
-                &serde_json::to_string(&p.spec)?,
+                &serde_json::to_string(&spec)?,
                 Some(lease),
             )
             .await
@@ -615,9 +640,9 @@ impl Pool {
         for (key, spec) in parse_all::<AssignmentSpec>(self.store.list(ASSIGNMENTS).await?) {
             if pred(&spec.job) {
                 tracing::info!(job = spec.job, "releasing {}", spec.id());
-                self.store.delete(&key).await?;
+                self.writer.delete(&key).await?;
                 let status = format!("{STATUS}{}", &key[ASSIGNMENTS.len()..]);
-                self.store.delete(&status).await?;
+                self.writer.delete(&status).await?;
             }
         }
         Ok(())

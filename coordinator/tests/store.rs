@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use rlhf_coordinator::store::embedded::EmbeddedStore;
 use rlhf_coordinator::store::etcd::EtcdStore;
-use rlhf_coordinator::store::{StateStore, WatchEvent, campaign, leader};
+use rlhf_coordinator::store::{
+    Expect, StateStore, WatchEvent, Write, Written, campaign, epoch, holds, leader,
+};
 use rlhf_tests::{Etcd, free_port};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -100,7 +102,37 @@ async fn suite<S: StateStore + Clone + 'static>(store: S, ttl: Duration) {
 
     // Election: one holder; a standby takes over when the holder's lease is revoked.
     let first = store.grant_lease(ttl * 10).await.unwrap();
-    campaign(&store, "coordinator", "c1", first).await.unwrap();
+    let fence = campaign(&store, "coordinator", "c1", first).await.unwrap();
+    assert_eq!(fence.epoch, 1, "the store's first leader");
+    assert!(holds(&store, &fence).await.unwrap());
+    // Fenced writes: made while the fence holds, with the key's expectation checked.
+    let put = |key: &'static str, value: &'static str| Write::Put {
+        key,
+        value,
+        lease: None,
+    };
+    assert_eq!(
+        store
+            .write_fenced(&fence, Expect::Absent, put("jobs/f", "1"))
+            .await
+            .unwrap(),
+        Written::Done
+    );
+    assert_eq!(
+        store
+            .write_fenced(&fence, Expect::Absent, put("jobs/f", "2"))
+            .await
+            .unwrap(),
+        Written::Mismatch
+    );
+    assert_eq!(
+        store
+            .write_fenced(&fence, Expect::Value("1"), put("jobs/f", "2"))
+            .await
+            .unwrap(),
+        Written::Done
+    );
+    assert_eq!(store.get("jobs/f").await.unwrap().as_deref(), Some("2"));
     assert_eq!(
         leader(&store, "coordinator").await.unwrap().as_deref(),
         Some("c1")
@@ -113,7 +145,7 @@ async fn suite<S: StateStore + Clone + 'static>(store: S, ttl: Duration) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!standby.is_finished(), "the standby waits while c1 holds");
     store.revoke(first).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(10), standby)
+    let second = tokio::time::timeout(Duration::from_secs(10), standby)
         .await
         .expect("the standby takes over")
         .unwrap()
@@ -122,6 +154,47 @@ async fn suite<S: StateStore + Clone + 'static>(store: S, ttl: Duration) {
         leader(&store, "coordinator").await.unwrap().as_deref(),
         Some("c2")
     );
+    // The old holder's writes no longer land, whatever they expect; the new holder's do.
+    assert!(!holds(&store, &fence).await.unwrap());
+    for (expect, write) in [
+        (Expect::Any, put("jobs/f", "stale")),
+        (Expect::Value("2"), put("jobs/f", "stale")),
+        (Expect::Absent, put("jobs/g", "stale")),
+        (Expect::Any, Write::Delete { key: "jobs/f" }),
+    ] {
+        assert_eq!(
+            store.write_fenced(&fence, expect, write).await.unwrap(),
+            Written::Fenced,
+            "{write:?}"
+        );
+    }
+    assert_eq!(store.get("jobs/f").await.unwrap().as_deref(), Some("2"));
+    assert_eq!(store.get("jobs/g").await.unwrap(), None);
+    assert_eq!(
+        (second.epoch, epoch(&store, "coordinator").await.unwrap()),
+        (2, 2)
+    );
+    assert_eq!(
+        store
+            .write_fenced(&second, Expect::Value("2"), put("jobs/f", "3"))
+            .await
+            .unwrap(),
+        Written::Done
+    );
+    // The same name elected again is a new holder: the old fence stays void.
+    store.revoke(standby_lease).await.unwrap();
+    let again = store.grant_lease(ttl * 10).await.unwrap();
+    let third = campaign(&store, "coordinator", "c1", again).await.unwrap();
+    assert_eq!(third.epoch, 3);
+    assert_ne!(third.revision, fence.revision);
+    assert_eq!(
+        store
+            .write_fenced(&fence, Expect::Any, put("jobs/f", "stale"))
+            .await
+            .unwrap(),
+        Written::Fenced
+    );
+    store.revoke(again).await.unwrap();
 }
 
 #[tokio::test]

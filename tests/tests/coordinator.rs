@@ -137,11 +137,24 @@ fn a_standby_coordinator_takes_over_from_the_active_one_with_etcd() {
 /// of running on beside the new leader. The job finishes once, under the standby.
 #[test]
 fn a_paused_leader_steps_down_when_it_resumes_and_the_standby_finishes_the_job() {
+    paused_leader(&[]);
+}
+
+/// The same with the old leader's lease timer off: only the fence stops it. Its controller
+/// and job-record writes after the takeover are refused (every step is recorded once, by the
+/// standby) and it exits with code 3 when its first write or check meets the new leader.
+#[test]
+fn a_paused_leader_without_its_lease_timer_is_stopped_by_the_fence() {
+    paused_leader(&[("RLHF_FAULT_NO_LEASE_TIMER", "1".to_string())]);
+}
+
+fn paused_leader(env: &[(&str, String)]) {
     let etcd = Etcd::start();
     let dir = tempfile::tempdir().unwrap();
     let store = format!("etcd://{}", etcd.endpoint);
     let state = dir.path().join("state");
-    let mut active = coordinator(&store, &state, 1, "active");
+    let mut active =
+        rlhf_tests::cluster::coordinator_with(&store, &state, "active", &["--slots", "1"], env);
     let standby = coordinator(&store, &state, 1, "standby");
     let url = standby.url();
     let id = submit(&url, &job(dir.path(), "paused", 10, 0, ""));
@@ -182,10 +195,11 @@ fn a_paused_leader_steps_down_when_it_resumes_and_the_standby_finishes_the_job()
         Duration::from_secs(15),
         || active.has_exited(),
     );
+    assert_eq!(active.exit_status().and_then(|s| s.code()), Some(3));
     let done = wait_state(&url, &id, "succeeded", Duration::from_secs(240));
+    // Every step once, in order: none lost, none written twice by the two leaders.
     let steps = rlhf_tests::metric_steps(&out);
-    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?} {done}");
-    assert_eq!(steps.last(), Some(&10), "{steps:?}");
+    assert_eq!(steps, (1..=10).collect::<Vec<u64>>(), "{done}");
     for pid in orphans {
         if alive(pid) {
             rlhf_tests::signal(pid, "KILL");

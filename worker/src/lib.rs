@@ -9,7 +9,7 @@
 //! lease, the coordinator has given its work away: it stops its processes (so no job ever runs
 //! twice) and registers again as soon as a coordinator answers.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -185,6 +185,7 @@ async fn serve(
         devices: register.devices.clone(),
     };
     let mut running: Running = HashMap::new();
+    let mut epochs = Epochs::default();
     loop {
         // The lease starts no earlier than the registration is sent.
         let asked = Instant::now();
@@ -250,7 +251,10 @@ async fn serve(
             match answer {
                 Ok(reply) => {
                     last_ok = sent;
-                    reconcile(&mut running, reply.into_inner().assignments, &how);
+                    let reply = reply.into_inner();
+                    epochs.see(reply.leader_epoch);
+                    let assignments = epochs.admit(&running, reply.assignments);
+                    reconcile(&mut running, assignments, &how);
                     // Idle means: the coordinator just said there is nothing to run.
                     if !running.is_empty() {
                         idle_since = Instant::now();
@@ -278,6 +282,52 @@ async fn serve(
                 }
             }
         }
+    }
+}
+
+/// The newest leader epoch this worker has seen, and the assignments it refused for coming
+/// from an older one (docs/reliability.md, fencing).
+#[derive(Default)]
+struct Epochs {
+    newest: u64,
+    refused: HashSet<(String, u64)>,
+}
+
+impl Epochs {
+    fn see(&mut self, epoch: u64) {
+        self.newest = self.newest.max(epoch);
+    }
+
+    /// The assignments to act on: what runs already at its generation is kept whatever its
+    /// epoch (a new leader releases what it does not want), a new assignment or generation
+    /// from a leader older than the newest seen is refused (said once).
+    fn admit(
+        &mut self,
+        running: &Running,
+        assignments: Vec<v1::Assignment>,
+    ) -> Vec<v1::Assignment> {
+        for a in &assignments {
+            self.see(a.epoch);
+        }
+        let newest = self.newest;
+        assignments
+            .into_iter()
+            .filter(|a| {
+                let runs = running.get(&a.id).is_some_and(|slot| {
+                    slot.lock().expect("not poisoned").status.generation == a.generation
+                });
+                if runs || a.epoch >= newest {
+                    return true;
+                }
+                if self.refused.insert((a.id.clone(), a.generation)) {
+                    eprintln!(
+                        "refusing {} (generation {}): written by leader epoch {}, older than epoch {newest}",
+                        a.id, a.generation, a.epoch
+                    );
+                }
+                false
+            })
+            .collect()
     }
 }
 
@@ -422,6 +472,36 @@ fn stop_all(running: &mut Running) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn assignments_of_an_older_leader_are_refused_unless_they_run_already() {
+        let a = |id: &str, generation, epoch| v1::Assignment {
+            id: id.into(),
+            generation,
+            epoch,
+            ..Default::default()
+        };
+        let mut running: Running = HashMap::new();
+        let runs = slot(None);
+        runs.lock().unwrap().status.generation = 4;
+        running.insert("j/actor-0".into(), runs);
+        let mut epochs = Epochs::default();
+        epochs.see(3);
+        let ids = |v: Vec<v1::Assignment>| v.into_iter().map(|a| a.id).collect::<Vec<_>>();
+        let admitted = epochs.admit(
+            &running,
+            vec![
+                a("j/actor-0", 4, 2),   // runs already at this generation: kept
+                a("j/learner-0", 1, 2), // new, from epoch 2 < 3: refused
+                a("k/actor-0", 1, 3),   // new, current epoch
+            ],
+        );
+        assert_eq!(ids(admitted), ["j/actor-0", "k/actor-0"]);
+        // A newer epoch on an assignment raises the bar for the rest of the reply.
+        let admitted = epochs.admit(&running, vec![a("k/actor-1", 1, 3), a("m/actor-0", 1, 5)]);
+        assert_eq!(ids(admitted), ["m/actor-0"]);
+        assert_eq!(epochs.newest, 5);
+    }
 
     fn slot(device: Option<&str>) -> Arc<Mutex<Slot>> {
         Arc::new(Mutex::new(Slot {

@@ -200,7 +200,8 @@ impl Coordinator {
                 serde_json::from_str(&text).with_context(|| format!("job {id}: corrupt record"))?;
             f(&mut job);
             if self
-                .store
+                .pool
+                .writer()
                 .replace(&key, &text, &serde_json::to_string(&job)?)
                 .await?
             {
@@ -214,16 +215,23 @@ impl Coordinator {
     pub async fn lead(self: Arc<Self>, name: String) -> Result<()> {
         // The store expires the lease LEASE_TTL after the last renewal; this process gives up
         // earlier (FENCE after its last successful renewal), so a standby never runs jobs while
-        // a cut-off active coordinator still does.
+        // a cut-off active coordinator still does. This timer is the first line; the second,
+        // which holds whatever the timer does, is that every write is fenced by the election
+        // (store::fenced). `RLHF_FAULT_NO_LEASE_TIMER=1` turns the timer off, to test the
+        // fence alone.
         const LEASE_TTL: Duration = Duration::from_secs(6);
         const FENCE: Duration = Duration::from_secs(4);
         let lease = self.store.grant_lease(LEASE_TTL).await?;
         let store = self.store.clone();
+        let timer = std::env::var_os("RLHF_FAULT_NO_LEASE_TIMER").is_none();
+        if !timer {
+            tracing::warn!("RLHF_FAULT_NO_LEASE_TIMER: the lease timer is off (a fault test)");
+        }
         tokio::spawn(async move {
             let mut last_ok = std::time::Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                if last_ok.elapsed() >= FENCE {
+                if timer && last_ok.elapsed() >= FENCE {
                     // Paused or starved past the fence (SIGSTOP, a stalled VM): step down before
                     // anything else of this process acts on a lease that may be gone.
                     eprintln!("coordinator held no renewed lease for {FENCE:?}; exiting");
@@ -237,17 +245,19 @@ impl Coordinator {
                     Ok(Err(e)) => tracing::warn!("lease renewal failed: {e:#}"),
                     Err(_) => tracing::warn!("lease renewal timed out"),
                 }
-                if last_ok.elapsed() >= FENCE {
+                if timer && last_ok.elapsed() >= FENCE {
                     // Someone else may hold the election soon: running on could double-run jobs.
                     eprintln!("coordinator could not renew its lease for {FENCE:?}; exiting");
                     std::process::exit(3);
                 }
             }
         });
-        campaign(&self.store, "coordinator", &name, lease).await?;
-        tracing::info!(name, "active coordinator");
+        let fence = campaign(&self.store, "coordinator", &name, lease).await?;
+        let epoch = fence.epoch;
+        self.pool.writer().lead(fence);
+        tracing::info!(name, epoch, "active coordinator");
         self.metrics.active.set(1);
-        eprintln!("coordinator {name} is active");
+        eprintln!("coordinator {name} is active (leader epoch {epoch})");
         loop {
             if let Err(e) = self.schedule().await {
                 tracing::warn!("scheduling: {e:#}");

@@ -17,7 +17,6 @@ use super::coordinator::{Coordinator, JOBS, StoredJob, internal};
 use crate::job::JobSpec;
 use crate::logs;
 use crate::state::{JobRecord, JobState, now};
-use crate::store::StateStore;
 
 /// The gRPC face of a [`Coordinator`].
 pub struct JobApi(pub Arc<Coordinator>);
@@ -143,8 +142,9 @@ impl JobService for JobApi {
                 slurm_job: String::new(),
             };
             let text = serde_json::to_string(&job).map_err(|e| internal(e.into()))?;
-            if c.store
-                .create(&format!("{JOBS}{id}"), &text, None)
+            if c.pool
+                .writer()
+                .create(&format!("{JOBS}{id}"), &text)
                 .await
                 .map_err(internal)?
             {

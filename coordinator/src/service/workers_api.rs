@@ -42,7 +42,17 @@ impl WorkerService for WorkerApi {
     ) -> Result<Response<v1::HeartbeatReply>, Status> {
         let r = request.into_inner();
         match self.0.heartbeat(&r.worker_id, &r.statuses).await {
-            Ok(assignments) => Ok(Response::new(v1::HeartbeatReply { assignments })),
+            Ok(assignments) => {
+                let leader_epoch = self
+                    .0
+                    .leader_epoch()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("{e:#}")))?;
+                Ok(Response::new(v1::HeartbeatReply {
+                    assignments,
+                    leader_epoch,
+                }))
+            }
             Err(HeartbeatError::Unknown(m)) => Err(Status::not_found(m)),
             Err(HeartbeatError::Store(e)) => Err(Status::unavailable(format!("{e:#}"))),
         }

@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::sync::mpsc;
 
-use super::{LeaseId, StateStore, WatchEvent};
+use super::{Expect, Fence, LeaseId, StateStore, WatchEvent, Write, Written};
 
 struct Entry {
     value: String,
     lease: Option<LeaseId>,
+    /// The store's revision when the key was created (kept by later writes, as in etcd).
+    created: i64,
 }
 
 struct Lease {
@@ -27,6 +29,8 @@ struct Inner {
     data: BTreeMap<String, Entry>,
     leases: HashMap<LeaseId, Lease>,
     next_lease: LeaseId,
+    /// The last revision given to a created key.
+    revision: i64,
     watchers: Vec<(String, mpsc::UnboundedSender<WatchEvent>)>,
 }
 
@@ -70,6 +74,29 @@ impl Inner {
         }
     }
 
+    /// Sets `key` (creating it with the next revision when new) and tells the watchers.
+    fn set(&mut self, key: &str, value: &str, lease: Option<LeaseId>) {
+        let created = match self.data.get(key) {
+            Some(e) => e.created,
+            None => {
+                self.revision += 1;
+                self.revision
+            }
+        };
+        self.data.insert(
+            key.into(),
+            Entry {
+                value: value.into(),
+                lease,
+                created,
+            },
+        );
+        self.notify(WatchEvent::Put {
+            key: key.into(),
+            value: value.into(),
+        });
+    }
+
     fn check_lease(&self, lease: Option<LeaseId>) -> Result<()> {
         match lease {
             Some(id) if !self.leases.contains_key(&id) => {
@@ -110,10 +137,15 @@ impl EmbeddedStore {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
             let map: BTreeMap<String, String> = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a state file", p.display()))?;
-            inner.data = map
-                .into_iter()
-                .map(|(k, value)| (k, Entry { value, lease: None }))
-                .collect();
+            for (revision, (k, value)) in (1..).zip(map) {
+                let entry = Entry {
+                    value,
+                    lease: None,
+                    created: revision,
+                };
+                inner.data.insert(k, entry);
+                inner.revision = revision;
+            }
         }
         let store = EmbeddedStore {
             inner: Arc::new(Mutex::new(inner)),
@@ -173,29 +205,40 @@ impl EmbeddedStore {
         only_new: bool,
     ) -> Result<bool> {
         self.with(|inner| {
-            inner.check_lease(lease)?;
             if only_new && inner.data.contains_key(key) {
                 return Ok(false);
             }
-            let was_persistent = inner.data.get(key).is_some_and(|e| e.lease.is_none());
-            if lease.is_none() {
-                self.persist(inner, key, Some(value))?;
-            } else if was_persistent {
-                self.persist(inner, key, None)?;
-            }
-            inner.data.insert(
-                key.into(),
-                Entry {
-                    value: value.into(),
-                    lease,
-                },
-            );
-            inner.notify(WatchEvent::Put {
-                key: key.into(),
-                value: value.into(),
-            });
+            self.put_locked(inner, key, value, lease)?;
             Ok(true)
         })
+    }
+
+    /// A put under the lock: persisted first (a lease-less key; a key that gains a lease
+    /// leaves the file), then made in memory.
+    fn put_locked(
+        &self,
+        inner: &mut Inner,
+        key: &str,
+        value: &str,
+        lease: Option<LeaseId>,
+    ) -> Result<()> {
+        inner.check_lease(lease)?;
+        let was_persistent = inner.data.get(key).is_some_and(|e| e.lease.is_none());
+        if lease.is_none() {
+            self.persist(inner, key, Some(value))?;
+        } else if was_persistent {
+            self.persist(inner, key, None)?;
+        }
+        inner.set(key, value, lease);
+        Ok(())
+    }
+
+    /// A delete under the lock; whether the key existed.
+    fn delete_locked(&self, inner: &mut Inner, key: &str) -> Result<bool> {
+        if inner.data.get(key).is_some_and(|e| e.lease.is_none()) {
+            self.persist(inner, key, None)?;
+        }
+        Ok(inner.remove(key))
     }
 }
 
@@ -240,12 +283,7 @@ impl StateStore for EmbeddedStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool> {
-        self.with(|inner| {
-            if inner.data.get(key).is_some_and(|e| e.lease.is_none()) {
-                self.persist(inner, key, None)?;
-            }
-            Ok(inner.remove(key))
-        })
+        self.with(|inner| self.delete_locked(inner, key))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
@@ -268,19 +306,41 @@ impl StateStore for EmbeddedStore {
             if inner.data.get(key).map(|e| e.value.as_str()) != Some(old) {
                 return Ok(false);
             }
-            self.persist(inner, key, Some(new))?;
-            inner.data.insert(
-                key.into(),
-                Entry {
-                    value: new.into(),
-                    lease: None,
-                },
-            );
-            inner.notify(WatchEvent::Put {
-                key: key.into(),
-                value: new.into(),
-            });
+            self.put_locked(inner, key, new, None)?;
             Ok(true)
+        })
+    }
+
+    async fn created(&self, key: &str) -> Result<Option<i64>> {
+        self.with(|inner| Ok(inner.data.get(key).map(|e| e.created)))
+    }
+
+    async fn write_fenced(
+        &self,
+        fence: &Fence,
+        expect: Expect<'_>,
+        write: Write<'_>,
+    ) -> Result<Written> {
+        self.with(|inner| {
+            if inner.data.get(&fence.key).map(|e| e.created) != Some(fence.revision) {
+                return Ok(Written::Fenced);
+            }
+            let now = inner.data.get(write.key()).map(|e| e.value.as_str());
+            let expected = match expect {
+                Expect::Any => true,
+                Expect::Absent => now.is_none(),
+                Expect::Value(v) => now == Some(v),
+            };
+            if !expected {
+                return Ok(Written::Mismatch);
+            }
+            match write {
+                Write::Put { key, value, lease } => self.put_locked(inner, key, value, lease)?,
+                Write::Delete { key } => {
+                    self.delete_locked(inner, key)?;
+                }
+            }
+            Ok(Written::Done)
         })
     }
 

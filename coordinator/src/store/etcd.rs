@@ -8,11 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 
-use super::{LeaseId, StateStore, WatchEvent};
+use super::{Expect, Fence, LeaseId, StateStore, WatchEvent, Write, Written};
 
 /// An etcd-backed store. Cloning shares the connection.
 #[derive(Clone)]
@@ -158,6 +158,62 @@ impl StateStore for EtcdStore {
         let mut c = self.client.clone();
         self.call("lease revoke", c.lease_revoke(lease)).await?;
         Ok(())
+    }
+
+    async fn created(&self, key: &str) -> Result<Option<i64>> {
+        let mut c = self.client.clone();
+        let reply = self.call("get", c.get(self.key(key), None)).await?;
+        Ok(reply.kvs().first().map(|kv| kv.create_revision()))
+    }
+
+    async fn write_fenced(
+        &self,
+        fence: &Fence,
+        expect: Expect<'_>,
+        write: Write<'_>,
+    ) -> Result<Written> {
+        let guard = self.key(&fence.key);
+        let full = self.key(write.key());
+        let mut when = vec![Compare::create_revision(
+            guard.clone(),
+            CompareOp::Equal,
+            fence.revision,
+        )];
+        match expect {
+            Expect::Any => {}
+            Expect::Absent => {
+                when.push(Compare::create_revision(full.clone(), CompareOp::Equal, 0))
+            }
+            Expect::Value(v) => when.push(Compare::value(full.clone(), CompareOp::Equal, v)),
+        }
+        let op = match write {
+            Write::Put { value, lease, .. } => {
+                TxnOp::put(full, value, lease.map(|l| PutOptions::new().with_lease(l)))
+            }
+            Write::Delete { .. } => TxnOp::delete(full, None),
+        };
+        // When it fails, the election key says which condition did.
+        let txn = Txn::new()
+            .when(when)
+            .and_then(vec![op])
+            .or_else(vec![TxnOp::get(guard, None)]);
+        let mut c = self.client.clone();
+        let reply = self.call("fenced write", c.txn(txn)).await?;
+        if reply.succeeded() {
+            return Ok(Written::Done);
+        }
+        let holds = reply.op_responses().into_iter().any(|r| match r {
+            TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.create_revision() == fence.revision),
+            _ => false,
+        });
+        Ok(if holds {
+            Written::Mismatch
+        } else {
+            Written::Fenced
+        })
     }
 
     async fn watch(&self, prefix: &str) -> Result<mpsc::UnboundedReceiver<WatchEvent>> {

@@ -10,9 +10,17 @@
 //! its prefix; keys it returns are too. The election ([`campaign`]) is written once on top of
 //! the trait (create-if-absent with a lease, then wait for the holder's key to go), so both
 //! stores share it and the shared test suite covers it.
+//!
+//! **Fencing.** Winning the election gives a [`Fence`]: the election key's create revision
+//! (new each time the key is created) and the leader's epoch (a counter the winner bumps). The
+//! active coordinator makes every write through [`StateStore::write_fenced`], which applies it
+//! only while the election key still has that revision (one etcd transaction; the same rule
+//! under the embedded store's lock). A leader that was paused or cut off past its lease finds
+//! its writes refused ([`Written::Fenced`]) and steps down; none of them lands.
 
 pub mod embedded;
 pub mod etcd;
+pub mod fenced;
 
 use std::future::Future;
 use std::time::Duration;
@@ -36,6 +44,56 @@ impl WatchEvent {
             WatchEvent::Put { key, .. } | WatchEvent::Delete { key } => key,
         }
     }
+}
+
+/// The proof of holding an election: writes made with it land only while it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The election key (relative to the store's prefix).
+    pub key: String,
+    /// The election key's create revision when this holder created it.
+    pub revision: i64,
+    /// The holder's leader epoch: 1 for the first leader of the store, one more per leader.
+    pub epoch: u64,
+}
+
+/// A write made under a [`Fence`].
+#[derive(Debug, Clone, Copy)]
+pub enum Write<'a> {
+    Put {
+        key: &'a str,
+        value: &'a str,
+        lease: Option<LeaseId>,
+    },
+    Delete {
+        key: &'a str,
+    },
+}
+
+impl Write<'_> {
+    pub fn key(&self) -> &str {
+        match self {
+            Write::Put { key, .. } | Write::Delete { key } => key,
+        }
+    }
+}
+
+/// What the written key must hold for a fenced write to be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect<'a> {
+    Any,
+    Absent,
+    Value(&'a str),
+}
+
+/// What became of a fenced write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Done,
+    /// The key did not hold what was expected (nothing written).
+    Mismatch,
+    /// The fence no longer holds: another holder won the election (nothing written).
+    Fenced,
 }
 
 /// What the control plane needs of its store.
@@ -67,6 +125,15 @@ pub trait StateStore: Send + Sync {
     /// Renews a lease for another TTL; an error when it has already expired.
     fn keep_alive(&self, lease: LeaseId) -> impl Future<Output = Result<()>> + Send;
     fn revoke(&self, lease: LeaseId) -> impl Future<Output = Result<()>> + Send;
+    /// The create revision of `key` (a new one each time it is created anew), if it exists.
+    fn created(&self, key: &str) -> impl Future<Output = Result<Option<i64>>> + Send;
+    /// Makes `write` only while `fence` holds and its key is as `expect` (atomic).
+    fn write_fenced(
+        &self,
+        fence: &Fence,
+        expect: Expect<'_>,
+        write: Write<'_>,
+    ) -> impl Future<Output = Result<Written>> + Send;
     /// Changes under `prefix` from now on, until the receiver is dropped.
     fn watch(
         &self,
@@ -78,21 +145,36 @@ fn election_key(election: &str) -> String {
     format!("elections/{election}")
 }
 
+fn epoch_key(election: &str) -> String {
+    format!("epochs/{election}")
+}
+
 /// Blocks until `candidate` holds `election`: its key is created with `lease`, so the
 /// candidate keeps it while it keeps the lease alive, and loses it when it dies. Standbys wait
-/// here and the first to create the key after the holder's goes takes over.
+/// here and the first to create the key after the holder's goes takes over. Returns the
+/// holder's fence, with the election's epoch bumped under it.
 pub async fn campaign<S: StateStore>(
     store: &S,
     election: &str,
     candidate: &str,
     lease: LeaseId,
-) -> Result<()> {
+) -> Result<Fence> {
     let key = election_key(election);
     loop {
         // Watch before trying, so a release between the two is not missed.
         let mut events = store.watch(&key).await?;
         if store.create(&key, candidate, Some(lease)).await? {
-            return Ok(());
+            let revision = store
+                .created(&key)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{key} vanished as soon as it was won"))?;
+            let fence = Fence {
+                key,
+                revision,
+                epoch: 0,
+            };
+            let epoch = bump_epoch(store, &fence, election).await?;
+            return Ok(Fence { epoch, ..fence });
         }
         loop {
             match events.recv().await {
@@ -102,6 +184,47 @@ pub async fn campaign<S: StateStore>(
             }
         }
     }
+}
+
+/// Adds one to the election's epoch under `fence`; the new epoch.
+async fn bump_epoch<S: StateStore>(store: &S, fence: &Fence, election: &str) -> Result<u64> {
+    let key = epoch_key(election);
+    for _ in 0..50 {
+        let old = store.get(&key).await?;
+        let n = match &old {
+            Some(v) => v
+                .parse::<u64>()
+                .map_err(|_| anyhow::anyhow!("{key} holds `{v}`, not an epoch"))?,
+            None => 0,
+        };
+        let expect = old.as_deref().map_or(Expect::Absent, Expect::Value);
+        let next = (n + 1).to_string();
+        let write = Write::Put {
+            key: &key,
+            value: &next,
+            lease: None,
+        };
+        match store.write_fenced(fence, expect, write).await? {
+            Written::Done => return Ok(n + 1),
+            Written::Mismatch => continue,
+            Written::Fenced => anyhow::bail!("lost {election} before its epoch was written"),
+        }
+    }
+    anyhow::bail!("{key}: too many concurrent updates")
+}
+
+/// The election's current epoch (0 before its first leader).
+pub async fn epoch<S: StateStore>(store: &S, election: &str) -> Result<u64> {
+    Ok(store
+        .get(&epoch_key(election))
+        .await?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Whether `fence` still holds (a read: for checks before acting outside the store).
+pub async fn holds<S: StateStore>(store: &S, fence: &Fence) -> Result<bool> {
+    Ok(store.created(&fence.key).await? == Some(fence.revision))
 }
 
 /// The current holder of `election`, if any.
@@ -187,6 +310,17 @@ impl StateStore for AnyStore {
     }
     async fn revoke(&self, lease: LeaseId) -> Result<()> {
         delegate!(self, s => s.revoke(lease))
+    }
+    async fn created(&self, key: &str) -> Result<Option<i64>> {
+        delegate!(self, s => s.created(key))
+    }
+    async fn write_fenced(
+        &self,
+        fence: &Fence,
+        expect: Expect<'_>,
+        write: Write<'_>,
+    ) -> Result<Written> {
+        delegate!(self, s => s.write_fenced(fence, expect, write))
     }
     async fn watch(&self, prefix: &str) -> Result<mpsc::UnboundedReceiver<WatchEvent>> {
         delegate!(self, s => s.watch(prefix))
