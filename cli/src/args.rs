@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 
 use rlhf_coordinator::plot;
 
-use crate::{bench, cluster, model, reward, run, security, worker};
+use crate::{bench, chaos, cluster, model, reward, run, security, worker};
 
 use rlhf_proto::logging::LogFormat;
 
@@ -42,6 +42,10 @@ pub enum Command {
     Sft(rlhf_learner::sft::SftOptions),
     /// Run a whole job on this machine (local workers, live progress; Ctrl-C stops cleanly).
     Run(run::RunArgs),
+    /// Run a job twice on a cluster of processes on this machine, clean and while seeded
+    /// faults kill or pause its processes, and compare: steps lost or applied twice, time to
+    /// recover, weight difference (docs/reliability.md).
+    Chaos(chaos::ChaosArgs),
     /// Check a job file and list every problem.
     Validate {
         /// The job file.
@@ -137,6 +141,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Reward { command } => reward::run(command),
         Command::Run(args) => run::run(args),
         Command::Validate { job } => run::validate(&job),
+        Command::Chaos(args) => chaos::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Bench { command } => bench::run(command),
         Command::Certs(args) => security::certs(args),

@@ -3,6 +3,7 @@
 
 mod args;
 mod bench;
+mod chaos;
 mod cluster;
 mod model;
 mod reward;

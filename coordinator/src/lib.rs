@@ -4,6 +4,7 @@
 //! The `rlhf` command line (crate `rlhf-cli`) sits on top; nothing here prints to a terminal.
 
 pub mod allow;
+pub mod chaos;
 pub mod controller;
 pub mod data;
 pub mod job;
