@@ -30,8 +30,31 @@ pub fn write(root: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> 
         std::process::id()
     ));
     std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    fill(&tmp)?;
-    let files = list_files(&tmp)?;
+    // A write that fails (a full disk) leaves nothing behind: the folders before it stay the
+    // newest, and the space it took is given back.
+    let written = fill_and_seal(&tmp, step, fill).and_then(|()| {
+        if final_path.exists() {
+            std::fs::remove_dir_all(&final_path)
+                .with_context(|| format!("replacing {}", final_path.display()))?;
+        }
+        std::fs::rename(&tmp, &final_path)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), final_path.display()))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e.context(format!(
+            "writing the checkpoint of step {step} into {}",
+            root.display()
+        )));
+    }
+    sync_dir(root)?;
+    Ok(final_path)
+}
+
+/// `fill`, then the manifest, everything fsynced.
+fn fill_and_seal(tmp: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    fill(tmp)?;
+    let files = list_files(tmp)?;
     let mut entries = serde_json::Map::new();
     for rel in &files {
         let path = tmp.join(rel);
@@ -47,18 +70,12 @@ pub fn write(root: &Path, step: u64, fill: impl FnOnce(&Path) -> Result<()>) -> 
             .expect("JSON")
             .as_bytes(),
     )?;
-    f.sync_all()?;
-    for dir in dirs_of(&tmp, &files) {
+    f.sync_all()
+        .with_context(|| format!("writing {}", manifest_path.display()))?;
+    for dir in dirs_of(tmp, &files) {
         sync_dir(&dir)?;
     }
-    if final_path.exists() {
-        std::fs::remove_dir_all(&final_path)
-            .with_context(|| format!("replacing {}", final_path.display()))?;
-    }
-    std::fs::rename(&tmp, &final_path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), final_path.display()))?;
-    sync_dir(root)?;
-    Ok(final_path)
+    Ok(())
 }
 
 /// Writes a folder that appears whole or not at all: `fill` writes it under a temporary name
