@@ -62,6 +62,10 @@ pub struct CoordinatorArgs {
     /// `--insecure`.
     #[arg(long = "allow-path", value_name = "DIR")]
     pub allow_paths: Vec<PathBuf>,
+    /// Jobs not yet ended (queued, placing, running) the coordinator holds at most; a submit
+    /// beyond it gets RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = rlhf_coordinator::service::DEFAULT_MAX_JOBS)]
+    pub max_jobs: usize,
 }
 
 /// Where the coordinator is.
@@ -160,6 +164,7 @@ pub fn coordinator(args: CoordinatorArgs) -> Result<()> {
         slurm_options: args.slurm_options,
         slurm_idle_exit: args.slurm_idle_exit,
         allow_paths: args.allow_paths,
+        max_jobs: args.max_jobs,
     };
     crate::runtime::block_on(rlhf_coordinator::service::run(config))
 }

@@ -88,6 +88,50 @@ fn jobs_share_the_pool_by_priority_and_cancel_frees_workers() {
 }
 
 #[test]
+fn a_flood_of_submits_is_refused_past_the_job_bound_and_an_oversized_file_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = embedded_store(&dir.path().join("state"));
+    let state = dir.path().join("state");
+    // No workers: every job waits to be placed, none ends.
+    let c = rlhf_tests::cluster::pool_coordinator(&store, &state, "c1", &["--max-jobs", "3"]);
+    let submit_one = |name: &str| {
+        let path = job(dir.path(), name, 3, 0, "");
+        Command::new(bin("rlhf"))
+            .args(["submit", path.to_str().unwrap(), "--coordinator", &c.url()])
+            .output()
+            .unwrap()
+    };
+    let ids: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|name| {
+            let out = submit_one(name);
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        })
+        .collect();
+    let out = submit_one("d");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("3 jobs are queued or running") && err.contains("--max-jobs 3"),
+        "{err}"
+    );
+    // A cancelled job makes room again.
+    cli(&c.url(), &["cancel", &ids[0]]);
+    wait_state(&c.url(), &ids[0], "cancelled", Duration::from_secs(30));
+    assert!(submit_one("e").status.success());
+    // A job file of more than 1 MiB is refused before it is parsed.
+    let huge = dir.path().join("huge.toml");
+    std::fs::write(&huge, format!("# {}\n", "x".repeat(2 << 20))).unwrap();
+    let out = Command::new(bin("rlhf"))
+        .args(["submit", huge.to_str().unwrap(), "--coordinator", &c.url()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("spec_toml"), "{err}");
+}
+
+#[test]
 fn invalid_jobs_are_refused_with_every_problem() {
     let dir = tempfile::tempdir().unwrap();
     let store = embedded_store(dir.path());

@@ -117,6 +117,8 @@ pub struct Settings {
     pub slurm: Option<Slurm>,
     /// Where submitted jobs may read and write (the state directory is added).
     pub allowed: AllowedPaths,
+    /// Jobs not yet ended it holds at most (docs/reliability.md).
+    pub max_jobs: usize,
 }
 
 /// The coordinator's shared state.
@@ -128,6 +130,7 @@ pub struct Coordinator {
     pub(super) state_dir: PathBuf,
     pub(super) slots: usize,
     pub(super) allowed: AllowedPaths,
+    pub(super) max_jobs: usize,
     /// Jobs this process runs: their stop switches.
     pub(super) running: Mutex<HashMap<String, watch::Sender<bool>>>,
     pub(super) wake: Notify,
@@ -149,6 +152,7 @@ impl Coordinator {
             state_dir: settings.state_dir,
             slots: settings.slots.max(1),
             allowed: settings.allowed,
+            max_jobs: settings.max_jobs,
             running: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             metrics: Metrics::new(),

@@ -11,6 +11,11 @@ use rlhf_proto::v1;
 use rlhf_proto::v1::job_service_server::JobService;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
+
+/// A job file larger than this is refused before it is parsed.
+pub const MAX_SPEC_BYTES: usize = 1 << 20;
+/// The default of `--max-jobs`.
+pub const DEFAULT_MAX_JOBS: usize = 1000;
 use tonic::{Request, Response, Status};
 
 use super::coordinator::{Coordinator, JOBS, StoredJob, internal};
@@ -85,6 +90,12 @@ impl JobService for JobApi {
         request: Request<v1::SubmitJobRequest>,
     ) -> Result<Response<v1::JobInfo>, Status> {
         let r = request.into_inner();
+        if r.spec_toml.len() > MAX_SPEC_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "spec_toml: {} bytes, more than a job file may hold ({MAX_SPEC_BYTES})",
+                r.spec_toml.len()
+            )));
+        }
         let base = PathBuf::from(&r.base_dir);
         let invalid = |problems: Vec<String>| {
             Status::invalid_argument(format!(
@@ -105,8 +116,19 @@ impl JobService for JobApi {
             return Err(invalid(problems));
         }
         let spec = spec.checked(&file).map_err(invalid)?;
+        let live = c.all().await.map_err(internal)?;
+        let open = live
+            .iter()
+            .filter(|j| !j.record.state.is_terminal())
+            .count();
+        if open >= c.max_jobs {
+            return Err(Status::resource_exhausted(format!(
+                "{open} jobs are queued or running, the most this coordinator holds \
+                 (--max-jobs {}); submit again when some have ended",
+                c.max_jobs
+            )));
+        }
         if let Some(dir) = &spec.output_dir {
-            let live = c.all().await.map_err(internal)?;
             if let Some(other) = live
                 .iter()
                 .find(|j| !j.record.state.is_terminal() && &j.output_dir == dir)

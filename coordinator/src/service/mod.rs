@@ -28,6 +28,6 @@ mod serving;
 mod workers_api;
 
 pub use coordinator::{Coordinator, LauncherKind, Settings, StoredJob};
-pub use jobs_api::JobApi;
+pub use jobs_api::{DEFAULT_MAX_JOBS, JobApi, MAX_SPEC_BYTES};
 pub use serving::{Config, default_state_dir, run, serve};
 pub use workers_api::WorkerApi;

@@ -36,6 +36,8 @@ pub struct Config {
     /// `--allow-path`: where submitted jobs may read and write (empty: anywhere, allowed only
     /// on loopback or with `--insecure`).
     pub allow_paths: Vec<PathBuf>,
+    /// Jobs not yet ended it holds at most.
+    pub max_jobs: usize,
 }
 
 /// Opens the store, binds `listen` (printing the ready line on stdout), and serves until the
@@ -136,6 +138,7 @@ pub async fn run(args: Config) -> Result<()> {
         worker_ttl,
         slurm,
         allowed,
+        max_jobs: args.max_jobs.max(1),
     };
     let c = Coordinator::new(store, settings);
     serve(c, name, listener).await
