@@ -128,18 +128,17 @@ impl JobService for JobApi {
                 c.max_jobs
             )));
         }
-        if let Some(dir) = &spec.output_dir {
-            if let Some(other) = live
+        if let Some(dir) = &spec.output_dir
+            && let Some(other) = live
                 .iter()
                 .find(|j| !j.record.state.is_terminal() && &j.output_dir == dir)
-            {
-                return Err(Status::failed_precondition(format!(
-                    "output_dir {} is in use by job `{}` ({})",
-                    dir.display(),
-                    other.record.id,
-                    other.record.state.as_str()
-                )));
-            }
+        {
+            return Err(Status::failed_precondition(format!(
+                "output_dir {} is in use by job `{}` ({})",
+                dir.display(),
+                other.record.id,
+                other.record.state.as_str()
+            )));
         }
         for n in 1..=100_000u32 {
             let id = format!("{}-{n}", spec.name);
