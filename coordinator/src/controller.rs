@@ -315,6 +315,7 @@ impl Controller {
                 Err(e) => return Err(e),
             };
             self.drop_actors(&rollouts.dead_actors);
+            // For the line of a step whose reply is lost (written again after training).
             let mut measured = BTreeMap::new();
             rollouts.report(&mut measured);
             self.record.set_pending(step, &measured)?;
@@ -362,7 +363,8 @@ impl Controller {
             }
             let sync_seconds = t.elapsed().as_secs_f64();
             let mut metrics: BTreeMap<String, f64> = report.metrics.into_iter().collect();
-            metrics.extend(measured);
+            // After training: DAPO's extra rounds added to the step's rollouts.
+            rollouts.report(&mut metrics);
             metrics.insert("time/weight_sync_s".into(), sync_seconds);
             metrics.insert("time/step_total_s".into(), started.elapsed().as_secs_f64());
             self.finish_step(step, metrics).await?;
