@@ -504,10 +504,15 @@ impl Controller {
                 joined.len(),
                 self.version
             )));
-            for a in &joined {
-                self.update_actor(a, self.version).await?;
-            }
-            self.endpoints.actors.extend(joined);
+            // One that died again before taking them is left out (its worker replaces it).
+            let live = match self.version {
+                0 => joined,
+                v => {
+                    let updates = self.publish(v, &joined, false).await?;
+                    self.took_update(v, updates)?
+                }
+            };
+            self.endpoints.actors.extend(live);
         }
         if let Some(rewards) = self.supervisor.rewards().await? {
             if rewards != self.endpoints.rewards {
@@ -816,9 +821,18 @@ impl Controller {
         Ok(())
     }
 
+    /// [`Controller::took_update`], and at least one actor did.
+    fn check_updates(&self, version: u64, updates: Vec<v1::ActorUpdate>) -> Result<Vec<String>> {
+        let live = self.took_update(version, updates)?;
+        if live.is_empty() {
+            bail!("no actor left to generate with");
+        }
+        Ok(live)
+    }
+
     /// The actors that took an update; an actor that refused it fails the job, one that is gone
     /// (or cannot take weights within a step's timeout) is logged and left out.
-    fn check_updates(&self, version: u64, updates: Vec<v1::ActorUpdate>) -> Result<Vec<String>> {
+    fn took_update(&self, version: u64, updates: Vec<v1::ActorUpdate>) -> Result<Vec<String>> {
         let mut live = Vec::new();
         for update in updates {
             if update.ok {
@@ -835,9 +849,6 @@ impl Controller {
                     update.error
                 );
             }
-        }
-        if live.is_empty() {
-            bail!("no actor left to generate with");
         }
         Ok(live)
     }
@@ -869,21 +880,6 @@ impl Controller {
     }
 
     /// Gives a joining actor the current weights.
-    async fn update_actor(&self, address: &str, version: u64) -> Result<()> {
-        if version == 0 {
-            return Ok(());
-        }
-        let update = self
-            .publish(version, &[address.to_string()], false)
-            .await?
-            .pop()
-            .context("PublishWeights: no reply for the actor")?;
-        if !update.ok {
-            bail!("actor {address}: weights v{version}: {}", update.error);
-        }
-        Ok(())
-    }
-
     /// Greedy (or the configured temperature) completions of the eval prompts, scored; written to
     /// `eval/step-<n>.jsonl`; returns the mean reward per objective.
     async fn evaluate(&self, step: u64) -> Result<BTreeMap<String, f64>> {
